@@ -1,0 +1,179 @@
+"""Versioned model bundles: write once at training, verify on every load.
+
+A bundle is a directory:
+
+    model.keras          the Keras autoencoder (loaded with safe_mode, never pickle)
+    scaler.json          StandardScaler fitted on the training features
+    feature_spec.json    the FeatureSpec the model was trained with
+    threshold.json       held-out reconstruction errors: the threshold's warm start
+    manifest.json        version, creation time, data summary, training metrics, file hashes
+
+The version is a hash of the other files' contents, so two bundles with one version are the
+same model. A registry is a directory of bundles plus a `current` file naming one version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from streamer.features import FeatureSpec
+from streamer.scaler import StandardScaler
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.keras"
+SCALER_FILE = "scaler.json"
+SPEC_FILE = "feature_spec.json"
+THRESHOLD_FILE = "threshold.json"
+MANIFEST_FILE = "manifest.json"
+CONTENT_FILES = (MODEL_FILE, SCALER_FILE, SPEC_FILE, THRESHOLD_FILE)
+CURRENT_FILE = "current"
+
+
+class BundleError(Exception):
+    """A bundle that must not be served; the message names the file or field at fault."""
+
+
+class Manifest(msgspec.Struct, forbid_unknown_fields=True):
+    format_version: int
+    version: str
+    model_kind: str
+    created_at: str
+    feature_names: list[str]
+    files: dict[str, str]  # file name -> sha256
+    data: dict[str, Any]
+    training: dict[str, Any]
+
+
+class WarmStart(msgspec.Struct, forbid_unknown_fields=True):
+    errors: list[float]  # held-out reconstruction errors, in event order
+    quantiles: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: Manifest
+    spec: FeatureSpec
+    scaler: StandardScaler
+    warm_start: np.ndarray
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.model_kind
+
+    def load_scorer(self) -> Any:
+        from streamer.scoring import KerasScorer
+
+        try:
+            scorer = KerasScorer.load(self.path / MODEL_FILE, self.kind)
+        except Exception as exc:  # Keras raises many types for one bad file
+            raise BundleError(f"{self.path / MODEL_FILE}: cannot load model: {exc}") from exc
+        if scorer.n_features != len(self.spec.feature_names()):
+            raise BundleError(
+                f"{MODEL_FILE}: model takes {scorer.n_features} features, "
+                f"feature spec builds {len(self.spec.feature_names())}"
+            )
+        return scorer
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_version(files: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}={files[name]}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def resolve(path: Path) -> Path:
+    """A bundle directory, or a registry directory whose `current` file names one."""
+    if (path / CURRENT_FILE).is_file():
+        version = (path / CURRENT_FILE).read_text().strip()
+        return path / version
+    return path
+
+
+def set_current(registry: Path, version: str) -> None:
+    """Point the registry at a version atomically (a reader never sees a half-written file)."""
+    tmp = registry / f".{CURRENT_FILE}.tmp"
+    tmp.write_text(version + "\n")
+    os.replace(tmp, registry / CURRENT_FILE)
+
+
+def load(path: Path, expected_spec: FeatureSpec | None = None) -> Bundle:
+    """Read and verify a bundle; raise BundleError naming what is wrong."""
+    root = resolve(Path(path))
+    manifest_path = root / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise BundleError(f"{root}: not a model bundle (no {MANIFEST_FILE})")
+    try:
+        manifest = msgspec.json.decode(manifest_path.read_bytes(), type=Manifest)
+    except msgspec.DecodeError as exc:
+        raise BundleError(f"{manifest_path}: {exc}") from exc
+    if manifest.format_version != FORMAT_VERSION:
+        raise BundleError(
+            f"{MANIFEST_FILE}: format_version {manifest.format_version} is not {FORMAT_VERSION}"
+        )
+    for name in CONTENT_FILES:
+        file = root / name
+        if not file.is_file():
+            raise BundleError(f"{file}: missing from bundle")
+        want = manifest.files.get(name)
+        if want is None:
+            raise BundleError(f"{MANIFEST_FILE}: files.{name} has no hash")
+        if sha256_file(file) != want:
+            raise BundleError(f"{file}: sha256 does not match the manifest (corrupt or tampered)")
+    if content_version(manifest.files) != manifest.version:
+        raise BundleError(f"{MANIFEST_FILE}: version does not match the file hashes")
+
+    try:
+        spec = msgspec.json.decode((root / SPEC_FILE).read_bytes(), type=FeatureSpec)
+        scaler = StandardScaler.from_json((root / SCALER_FILE).read_bytes())
+        warm = msgspec.json.decode((root / THRESHOLD_FILE).read_bytes(), type=WarmStart)
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise BundleError(f"{root}: {exc}") from exc
+    if expected_spec is not None and spec != expected_spec:
+        raise BundleError(
+            f"{SPEC_FILE}: the bundle's feature spec differs from the configured one "
+            f"({spec_difference(spec, expected_spec)})"
+        )
+    if scaler.feature_names != spec.feature_names():
+        raise BundleError(f"{SCALER_FILE}: feature_names differ from the feature spec's")
+    if manifest.feature_names != spec.feature_names():
+        raise BundleError(f"{MANIFEST_FILE}: feature_names differ from the feature spec's")
+    return Bundle(root, manifest, spec, scaler, np.array(warm.errors, dtype=np.float64))
+
+
+def spec_difference(a: FeatureSpec, b: FeatureSpec) -> str:
+    da, db = msgspec.to_builtins(a), msgspec.to_builtins(b)
+    for key in sorted(set(da) | set(db)):
+        if da.get(key) != db.get(key):
+            return f"field {key!r}: bundle {da.get(key)!r}, config {db.get(key)!r}"
+    return "no field differs"
+
+
+def write_manifest(root: Path, **fields: Any) -> Manifest:
+    """Hash the content files in `root` and write the manifest; returns it."""
+    files = {name: sha256_file(root / name) for name in CONTENT_FILES}
+    manifest = Manifest(
+        format_version=FORMAT_VERSION, version=content_version(files), files=files, **fields
+    )
+    (root / MANIFEST_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(manifest)))
+    return manifest

@@ -1,0 +1,204 @@
+"""Settings: one frozen object, read once from a TOML file plus environment overrides.
+
+Environment variables override file values: `STREAMER_<SECTION>__<KEY>` (for example
+`STREAMER_KAFKA__BOOTSTRAP_SERVERS=broker:9092`, `STREAMER_BATCH__MAX_BATCH_SIZE=500`) or
+`STREAMER_<KEY>` for top-level keys. Values are read as TOML values when they parse as one
+(numbers, booleans, arrays), otherwise as strings.
+
+Every error names the field at fault, as a path like `$.batch.max_batch_size`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from streamer.features import FeatureSpec
+from streamer.profiles import BUILTIN
+
+ENV_PREFIX = "STREAMER_"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the field."""
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class KafkaSettings(_Section):
+    input_topic: str
+    alert_topic: str
+    dead_letter_topic: str
+    bootstrap_servers: str | list[str] = "127.0.0.1:9092"
+    group_id: str = "anomaly-streamer"
+    client_id: str = "anomaly-streamer"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    # Create the alert and dead-letter topics at start when they are missing. The input topic
+    # is never created: a typo there should stop the daemon, not make it wait forever.
+    create_output_topics: bool = True
+    output_topic_partitions: int = 4
+    max_poll_records: int = 2000
+    fetch_max_bytes: int = 52_428_800
+    max_partition_fetch_bytes: int = 4_194_304
+    producer_linger_ms: int = 5
+    producer_batch_bytes: int = 262_144
+    producer_acks: Literal["all", "1", "0"] = "all"
+    request_timeout_ms: int = 30_000
+
+    def __post_init__(self) -> None:
+        for name in ("input_topic", "alert_topic", "dead_letter_topic", "group_id"):
+            if not getattr(self, name):
+                raise ValueError(f"kafka.{name} must not be empty")
+        if len({self.input_topic, self.alert_topic, self.dead_letter_topic}) != 3:
+            raise ValueError("kafka input, alert and dead-letter topics must all differ")
+        if self.output_topic_partitions < 1:
+            raise ValueError("kafka.output_topic_partitions must be >= 1")
+
+    @property
+    def servers(self) -> list[str]:
+        raw = self.bootstrap_servers
+        items = raw.split(",") if isinstance(raw, str) else raw
+        return [s.strip() for s in items if s.strip()]
+
+
+class BatchSettings(_Section):
+    max_batch_size: int = 1000
+    max_wait_seconds: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("batch.max_batch_size must be >= 1")
+        if not 0.0 <= self.max_wait_seconds <= 60.0:
+            raise ValueError("batch.max_wait_seconds must be in [0, 60]")
+
+
+class ModelSettings(_Section):
+    bundle: str  # a bundle directory, or a registry directory with a `current` file
+
+
+class ThresholdSettings(_Section):
+    quantile: float = 0.999
+    window_size: int = 10_000
+    min_samples: int = 500
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.quantile < 1.0:
+            raise ValueError("threshold.quantile must be in (0, 1)")
+        if self.window_size < 1:
+            raise ValueError("threshold.window_size must be >= 1")
+        if not 0 <= self.min_samples <= self.window_size:
+            raise ValueError("threshold.min_samples must be in [0, threshold.window_size]")
+
+
+class AlertSettings(_Section):
+    top_features: int = 3
+    max_message_bytes: int = 1_000_000  # larger input messages are dead-lettered unread
+
+    def __post_init__(self) -> None:
+        if self.top_features < 0:
+            raise ValueError("alerts.top_features must be >= 0")
+
+
+class MetricsSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = 9108  # 0 picks a free port (tests)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("metrics.port must be in [0, 65535]")
+
+
+class TrainingSettings(_Section):
+    hidden_units: list[int] = msgspec.field(default_factory=lambda: [32, 16])
+    bottleneck: int = 4
+    epochs: int = 40
+    batch_size: int = 256
+    validation_split: float = 0.15
+    patience: int = 4
+    learning_rate: float = 1e-3
+    seed: int = 7
+
+    def __post_init__(self) -> None:
+        if not self.hidden_units or min(self.hidden_units) < 1 or self.bottleneck < 1:
+            raise ValueError("training.hidden_units and training.bottleneck must be >= 1")
+        if not 0.0 < self.validation_split < 0.5:
+            raise ValueError("training.validation_split must be in (0, 0.5)")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("training.epochs and training.batch_size must be >= 1")
+
+
+class Settings(_Section):
+    kafka: KafkaSettings
+    model: ModelSettings
+    profile: str | None = None
+    features: FeatureSpec | None = None
+    batch: BatchSettings = msgspec.field(default_factory=BatchSettings)
+    threshold: ThresholdSettings = msgspec.field(default_factory=ThresholdSettings)
+    alerts: AlertSettings = msgspec.field(default_factory=AlertSettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    training: TrainingSettings = msgspec.field(default_factory=TrainingSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def __post_init__(self) -> None:
+        if (self.profile is None) == (self.features is None):
+            raise ValueError("set exactly one of `profile` (built-in) and a `[features]` table")
+        if self.profile is not None and self.profile not in BUILTIN:
+            raise ValueError(f"profile {self.profile!r} is not one of {sorted(BUILTIN)}")
+
+    @property
+    def spec(self) -> FeatureSpec:
+        if self.features is not None:
+            return self.features
+        assert self.profile is not None
+        return BUILTIN[self.profile]
+
+
+def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, merge environment overrides, validate. Raises ConfigError naming the field."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return from_mapping(raw, os.environ if environ is None else environ, source=str(path))
+
+
+def from_mapping(
+    raw: dict[str, Any], environ: Mapping[str, str] | None = None, source: str = "config"
+) -> Settings:
+    merged = _apply_env(raw, environ or {})
+    try:
+        return msgspec.convert(merged, Settings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = merged
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{name}: {part} is not a section")
+        node[path[-1]] = _parse_value(value)
+    return merged
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text

@@ -1,0 +1,120 @@
+"""kafka-python at the edges: topics, the consumer, the producer, and record conversions."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+
+from streamer.config import KafkaSettings
+from streamer.records import DeadLetter, RawMessage
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """Kafka is not in a state the daemon can start in; the message says what to fix."""
+
+
+def common_options(kafka: KafkaSettings) -> dict[str, Any]:
+    return {
+        "bootstrap_servers": kafka.servers,
+        "client_id": kafka.client_id,
+        "request_timeout_ms": kafka.request_timeout_ms,
+    }
+
+
+def prepare_topics(kafka: KafkaSettings) -> None:
+    """Check the input topic exists; create the alert and dead-letter topics if allowed."""
+    admin = KafkaAdminClient(**common_options(kafka))
+    try:
+        existing = set(admin.list_topics())
+        if kafka.input_topic not in existing:
+            raise StartupError(
+                f"kafka.input_topic: topic {kafka.input_topic!r} does not exist on "
+                f"{','.join(kafka.servers)}"
+            )
+        missing = [t for t in (kafka.alert_topic, kafka.dead_letter_topic) if t not in existing]
+        if missing and not kafka.create_output_topics:
+            raise StartupError(
+                f"kafka: output topic(s) {missing} do not exist and "
+                "kafka.create_output_topics is false"
+            )
+        if missing:
+            new = [NewTopic(t, kafka.output_topic_partitions, 1) for t in missing]
+            try:
+                admin.create_topics(new, wait_for_metadata=True)
+                log.info("created topics %s", missing)
+            except TopicAlreadyExistsError:
+                pass  # another replica of this group created them first
+    finally:
+        admin.close()
+
+
+def make_consumer(kafka: KafkaSettings) -> KafkaConsumer:
+    return KafkaConsumer(
+        **common_options(kafka),
+        group_id=kafka.group_id,
+        enable_auto_commit=False,  # offsets are committed only after alerts are flushed
+        auto_offset_reset=kafka.auto_offset_reset,
+        max_poll_records=kafka.max_poll_records,
+        fetch_max_bytes=kafka.fetch_max_bytes,
+        max_partition_fetch_bytes=kafka.max_partition_fetch_bytes,
+        isolation_level="read_committed",
+    )
+
+
+def make_producer(kafka: KafkaSettings) -> KafkaProducer:
+    acks: int | str = "all" if kafka.producer_acks == "all" else int(kafka.producer_acks)
+    return KafkaProducer(
+        **common_options(kafka),
+        acks=acks,
+        linger_ms=kafka.producer_linger_ms,
+        batch_size=kafka.producer_batch_bytes,
+        retries=2**31 - 1,
+        max_in_flight_requests_per_connection=5,
+    )
+
+
+def to_raw(records: Iterable[Any]) -> list[RawMessage]:
+    return [
+        RawMessage(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp) for r in records
+    ]
+
+
+def dead_letter_headers(d: DeadLetter) -> list[tuple[str, bytes]]:
+    m = d.message
+    return [
+        ("dlq.reason", d.reason.encode()),
+        ("dlq.detail", d.detail.encode("utf-8", "replace")[:1000]),
+        ("dlq.topic", m.topic.encode()),
+        ("dlq.partition", str(m.partition).encode()),
+        ("dlq.offset", str(m.offset).encode()),
+        ("dlq.timestamp_ms", str(m.timestamp_ms).encode()),
+    ]
+
+
+def next_offsets(messages: Sequence[RawMessage]) -> dict[TopicPartition, OffsetAndMetadata]:
+    """The offsets to commit after `messages`: one past the last message per partition."""
+    last: dict[TopicPartition, int] = {}
+    for m in messages:
+        tp = TopicPartition(m.topic, m.partition)
+        if m.offset >= last.get(tp, -1):
+            last[tp] = m.offset
+    return {tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in last.items()}
+
+
+def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
+    """Lag per assigned partition, from the high watermarks the fetches already returned."""
+    lag: dict[TopicPartition, int] = {}
+    for tp in consumer.assignment():
+        high = consumer.highwater(tp)
+        if high is None:
+            continue
+        lag[tp] = max(0, high - consumer.position(tp))
+    return lag

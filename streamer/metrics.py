@@ -1,0 +1,174 @@
+"""Prometheus metrics on an injected registry, and the HTTP endpoint that serves them.
+
+Updated once per batch, never per event: a batch of 1000 costs a handful of calls.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from streamer.pipeline import STAGES, BatchResult
+
+SCORE_QUANTILES = (0.5, 0.9, 0.99, 0.999)
+REJECT_REASONS = (
+    "empty", "too_large", "invalid_utf8", "invalid_json", "schema", "out_of_range", "non_finite",
+)  # fmt: skip
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.consumed = Counter(
+            "anomaly_events_consumed", "Events read from the input topic", registry=registry
+        )
+        self.rejected = Counter(
+            "anomaly_events_rejected",
+            "Events sent to the dead-letter topic, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)  # export zeros so rate() works from the start
+        self.scored = Counter("anomaly_events_scored", "Events scored", registry=registry)
+        self.alerts = Counter(
+            "anomaly_alerts_published", "Alerts published to the alert topic", registry=registry
+        )
+        self.batches = Counter("anomaly_batches", "Batches processed", registry=registry)
+        self.batch_size = Histogram(
+            "anomaly_batch_size",
+            "Events per batch",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000),
+            registry=registry,
+        )
+        self.batch_seconds = Histogram(
+            "anomaly_batch_duration_seconds",
+            "Time per batch by stage",
+            ["stage"],
+            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=registry,
+        )
+        self.threshold = Gauge(
+            "anomaly_threshold", "Current rolling-percentile threshold", registry=registry
+        )
+        self.score_quantile = Gauge(
+            "anomaly_score_quantile",
+            "Quantiles of the scores of the latest batch",
+            ["quantile"],
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "anomaly_consumer_lag",
+            "Messages between the consumer position and the partition end",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.model_info = Gauge(
+            "anomaly_model_info", "The model bundle being served", ["version", "kind"],
+            registry=registry,
+        )  # fmt: skip
+        self.ready = Gauge("anomaly_ready", "1 when consuming and scoring", registry=registry)
+
+    def record_batch(self, result: BatchResult, extra_stages: dict[str, float]) -> None:
+        self.batches.inc()
+        self.consumed.inc(result.consumed)
+        self.batch_size.observe(result.consumed)
+        self.scored.inc(result.scores.size)
+        self.alerts.inc(len(result.alerts))
+        if result.dead_letters:
+            counts: dict[str, int] = {}
+            for d in result.dead_letters:
+                counts[d.reason] = counts.get(d.reason, 0) + 1
+            for reason, n in counts.items():
+                self.rejected.labels(reason).inc(n)
+        for stage, seconds in (result.stage_seconds | extra_stages).items():
+            self.batch_seconds.labels(stage).observe(seconds)
+        if np.isfinite(result.threshold):
+            self.threshold.set(result.threshold)
+        if result.scores.size:
+            values = np.quantile(result.scores, SCORE_QUANTILES)
+            for q, v in zip(SCORE_QUANTILES, values, strict=True):
+                self.score_quantile.labels(str(q)).set(float(v))
+
+
+STAGE_NAMES = (*STAGES, "produce", "commit")
+
+
+class StatusServer:
+    """/metrics, /healthz (the loop is alive) and /readyz (consuming), on one port."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        is_alive: Callable[[], bool],
+        is_ready: Callable[[], bool],
+    ) -> None:
+        handler = _handler(registry, is_alive, is_ready)
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics-http", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _handler(
+    registry: CollectorRegistry, is_alive: Callable[[], bool], is_ready: Callable[[], bool]
+) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                ok = is_alive()
+                self._send(200 if ok else 503, b"ok\n" if ok else b"stalled\n")
+            elif path == "/readyz":
+                ok = is_ready()
+                self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+            else:
+                self._send(404, b"not found\n")
+
+        def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # scrapes every few seconds would drown the daemon's own log
+
+    return Handler
+
+
+class Heartbeat:
+    """The loop beats once per iteration; /healthz fails when it has not beaten for a while."""
+
+    def __init__(self, stale_after_seconds: float) -> None:
+        self.stale_after_seconds = stale_after_seconds
+        self._last = time.monotonic()
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def alive(self) -> bool:
+        return time.monotonic() - self._last < self.stale_after_seconds

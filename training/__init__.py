@@ -1,0 +1,1 @@
+"""Training side: simulate labeled events, fit autoencoders, write model bundles."""

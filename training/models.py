@@ -1,0 +1,24 @@
+"""Keras autoencoders. TensorFlow is imported only here and where a bundle is loaded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def build_dense_autoencoder(
+    n_features: int, hidden_units: list[int], bottleneck: int, learning_rate: float
+) -> Any:
+    """Mirror-image dense encoder/decoder; linear output so any scaled value can be rebuilt."""
+    import keras
+
+    inputs = keras.Input(shape=(n_features,), name="features")
+    x = inputs
+    for i, units in enumerate(hidden_units):
+        x = keras.layers.Dense(units, activation="relu", name=f"encode_{i}")(x)
+    x = keras.layers.Dense(bottleneck, activation="relu", name="bottleneck")(x)
+    for i, units in enumerate(reversed(hidden_units)):
+        x = keras.layers.Dense(units, activation="relu", name=f"decode_{i}")(x)
+    outputs = keras.layers.Dense(n_features, activation="linear", name="reconstruction")(x)
+    model = keras.Model(inputs, outputs, name="dense_autoencoder")
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
+    return model
