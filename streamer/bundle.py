@@ -162,10 +162,19 @@ def load(path: Path, expected_spec: FeatureSpec | None = None) -> Bundle:
 
 
 def spec_difference(a: FeatureSpec, b: FeatureSpec) -> str:
+    """The first field where two specs differ, columns last (they are long)."""
     da, db = msgspec.to_builtins(a), msgspec.to_builtins(b)
-    for key in sorted(set(da) | set(db)):
-        if da.get(key) != db.get(key):
-            return f"field {key!r}: bundle {da.get(key)!r}, config {db.get(key)!r}"
+    keys = [k for k in FeatureSpec.__struct_fields__ if k != "columns"] + ["columns"]
+    for key in keys:
+        va, vb = da.get(key), db.get(key)
+        if va == vb:
+            continue
+        if key == "columns" and isinstance(va, list) and isinstance(vb, list):
+            for i, (ca, cb) in enumerate(zip(va, vb, strict=False)):
+                if ca != cb:
+                    return f"columns[{i}]: bundle {ca}, config {cb}"
+            return f"columns: bundle has {len(va)}, config {len(vb)}"
+        return f"{key}: bundle {va!r}, config {vb!r}"
     return "no field differs"
 
 

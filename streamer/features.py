@@ -175,6 +175,15 @@ def build_features(spec: FeatureSpec, events: Sequence[Any]) -> np.ndarray:
     if n == 0:
         return out
 
+    # Overflow gives inf rather than a warning: callers drop non-finite rows with a reason.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        _fill(spec, events, out)
+    return out
+
+
+def _fill(spec: FeatureSpec, events: Sequence[Any], out: np.ndarray) -> None:
+    n = len(events)
+
     def column(field: str) -> np.ndarray:
         return np.fromiter((getattr(e, field) for e in events), dtype=np.float64, count=n)
 
@@ -212,4 +221,3 @@ def build_features(spec: FeatureSpec, events: Sequence[Any]) -> np.ndarray:
             out[:, j] = np.sin(angle)
             out[:, j + 1] = np.cos(angle)
             j += 2
-    return out

@@ -68,15 +68,17 @@ class Pipeline:
         events, kept, dead = self._decode(messages)
         t1 = clock()
         raw = build_features(self.spec, events)
-        finite = np.isfinite(raw).all(axis=1)
-        if not finite.all():
-            for i in np.flatnonzero(~finite):
-                bad = [self._names[j] for j in np.flatnonzero(~np.isfinite(raw[i]))]
-                dead.append(DeadLetter(kept[i], "non_finite", f"feature(s) {', '.join(bad)}"))
-            raw, events = raw[finite], [e for e, ok in zip(events, finite, strict=True) if ok]
-            kept = [m for m, ok in zip(kept, finite, strict=True) if ok]
         t2 = clock()
         x = self.scaler.transform(raw)
+        # Checked after scaling: a huge but finite value can still overflow float32.
+        finite = np.isfinite(x).all(axis=1)
+        if not finite.all():
+            for i in np.flatnonzero(~finite):
+                bad = [self._names[j] for j in np.flatnonzero(~np.isfinite(x[i]))]
+                dead.append(DeadLetter(kept[i], "non_finite", f"feature(s) {', '.join(bad)}"))
+            raw, x = raw[finite], x[finite]
+            events = [e for e, ok in zip(events, finite, strict=True) if ok]
+            kept = [m for m, ok in zip(kept, finite, strict=True) if ok]
         t3 = clock()
         recon = self.scorer.reconstruct(x)
         errors = reconstruction_errors(x, recon)

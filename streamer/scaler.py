@@ -45,7 +45,8 @@ class StandardScaler:
         return cls(mean, scale, feature_names)
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) * self._inv).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, caller rejects
+            return ((x - self.mean) * self._inv).astype(np.float32)
 
     def inverse_transform(self, z: np.ndarray) -> np.ndarray:
         return np.asarray(z, dtype=np.float64) * self.scale + self.mean

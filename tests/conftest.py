@@ -1,0 +1,93 @@
+"""Shared fixtures: one real Kafka broker per test session, and one small trained bundle.
+
+The broker is the repo's own local KRaft broker (deploy/local-kafka/kafka.sh) on port 19092,
+started fresh for the session and stopped at its end. Set KAFKA_BOOTSTRAP to use a broker
+that is already running instead. If no broker can be had, the integration tests fail: they
+never skip.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from itertools import islice
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from streamer import bundle as bundles
+from streamer.config import TrainingSettings
+from streamer.profiles import ORDERS
+from training.datasets import read_jsonl
+from training.fit import fit_bundle
+from training.simulate import simulate
+
+ROOT = Path(__file__).resolve().parent.parent
+KAFKA_SH = ROOT / "deploy" / "local-kafka" / "kafka.sh"
+TEST_PORT = "19092"
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    given = os.environ.get("KAFKA_BOOTSTRAP")
+    if given:
+        yield given
+        return
+    env = {**os.environ, "KAFKA_PORT": TEST_PORT}
+    subprocess.run([str(KAFKA_SH), "reset"], env=env, check=True)
+    started = subprocess.run([str(KAFKA_SH), "start"], env=env, capture_output=True, text=True)
+    if started.returncode != 0:
+        pytest.fail(
+            f"the local Kafka broker did not start:\n{started.stderr[-4000:]}", pytrace=False
+        )
+    try:
+        yield f"127.0.0.1:{TEST_PORT}"
+    finally:
+        subprocess.run([str(KAFKA_SH), "stop"], env=env, check=False)
+
+
+@pytest.fixture
+def unique() -> Callable[[str], str]:
+    """Names no other test uses: topics and consumer groups per test."""
+    token = uuid.uuid4().hex[:8]
+    return lambda prefix: f"{prefix}-{token}"
+
+
+@pytest.fixture(scope="session")
+def orders_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small dense bundle trained on clean simulated orders (the session's one training)."""
+    root = tmp_path_factory.mktemp("orders-model")
+    events = root / "train.jsonl"
+    write_events(events, "orders", count=20_000, seed=101, anomaly_rate=0.0)
+    history = read_jsonl(ORDERS, events)
+    settings = TrainingSettings(epochs=25, patience=3, seed=7)
+    fit_bundle(ORDERS, history, settings, root / "registry", source=events.name)
+    return root / "registry"
+
+
+@pytest.fixture(scope="session")
+def orders_bundle(orders_registry: Path) -> bundles.Bundle:
+    return bundles.load(orders_registry, expected_spec=ORDERS)
+
+
+def write_events(
+    path: Path, profile: str, count: int, seed: int, anomaly_rate: float
+) -> dict[str, str]:
+    """Write simulated events as JSON lines; return {event_id: kind} for the anomalies."""
+    anomalies: dict[str, str] = {}
+    with path.open("wb") as f:
+        for event, label in islice(simulate(profile, seed, anomaly_rate), count):
+            f.write(msgspec.json.encode(event) + b"\n")
+            if label.is_anomaly:
+                anomalies[label.event_id] = label.kind
+    return anomalies
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

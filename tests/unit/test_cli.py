@@ -1,0 +1,53 @@
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    ("module", "commands"),
+    [("streamer", ["run", "check", "tail"]), ("training", ["simulate", "fit"])],
+)
+def test_help_describes_every_command(module: str, commands: list[str]) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in commands:
+        assert command in out
+        sub = subprocess.run(
+            [sys.executable, "-m", module, command, "--help"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "--" in sub  # every command documents its options
+
+
+def test_bad_config_exits_2_naming_the_field(tmp_path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        'profile = "orders"\n[kafka]\ninput_topic = "a"\nalert_topic = "b"\n'
+        'dead_letter_topic = "c"\n[model]\nbundle = "x"\n[batch]\nmax_wait_seconds = "soon"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "streamer", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "$.batch.max_wait_seconds" in done.stderr
+
+
+def test_missing_bundle_exits_2(tmp_path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        'profile = "orders"\n[kafka]\ninput_topic = "a"\nalert_topic = "b"\n'
+        f'dead_letter_topic = "c"\n[model]\nbundle = "{tmp_path / "nothing"}"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "streamer", "check", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "not a model bundle" in done.stderr

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from streamer.scaler import StandardScaler
+from streamer.threshold import RollingQuantileThreshold
+
+
+def test_scaler_round_trip_and_pass_through() -> None:
+    rng = np.random.default_rng(0)
+    x = np.column_stack([rng.normal(10, 3, 1000), rng.integers(0, 2, 1000), np.full(1000, 5.0)])
+    s = StandardScaler.fit(x, np.array([True, False, True]), ["a", "b", "c"])
+    z = s.transform(x)
+    assert z.dtype == np.float32
+    assert abs(z[:, 0].mean()) < 1e-5 and abs(z[:, 0].std() - 1) < 1e-4
+    np.testing.assert_array_equal(z[:, 1], x[:, 1])  # one-hot style column untouched
+    np.testing.assert_allclose(z[:, 2], 0.0)  # constant column: centred, not divided by 0
+    again = StandardScaler.from_json(s.to_json())
+    assert again == s
+    np.testing.assert_allclose(again.inverse_transform(z), x, rtol=1e-5, atol=1e-5)
+
+
+def test_scaler_refuses_bad_files() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        StandardScaler(np.zeros(2), np.array([1.0, 0.0]))
+    with pytest.raises(ValueError, match="length"):
+        StandardScaler.from_json(
+            b'{"kind":"standard","feature_names":["a"],"mean":[0,0],"scale":[1,1]}'
+        )
+
+
+def test_min_samples_and_warm_start() -> None:
+    cold = RollingQuantileThreshold(window_size=100, quantile=0.5, min_samples=10)
+    assert cold.value == float("inf")
+    assert not cold.judge(np.full(5, 1e9)).any()  # nothing flagged before min_samples
+    warm = RollingQuantileThreshold(100, 0.5, 10, warm_start=np.arange(1000.0))
+    assert warm.count == 100  # only the latest window_size warm-start errors are kept
+    assert warm.value == pytest.approx(949.5)
+
+
+def test_alerted_scores_do_not_raise_the_threshold() -> None:
+    rng = np.random.default_rng(1)
+    t = RollingQuantileThreshold(1000, 0.99, 100, warm_start=rng.exponential(1.0, 1000))
+    before = t.value
+    for _ in range(20):  # a long burst of huge scores
+        flagged = t.judge(np.full(50, 1e6))
+        assert flagged.all()
+    assert t.value <= before
+
+
+def test_no_downward_ratchet_on_stationary_scores() -> None:
+    rng = np.random.default_rng(2)
+    t = RollingQuantileThreshold(5000, 0.99, 100, warm_start=rng.exponential(1.0, 5000))
+    flagged = 0
+    for _ in range(200):
+        flagged += int(t.judge(rng.exponential(1.0, 100)).sum())
+    # Exponential(1): the true p99 is ln(100) = 4.6. The threshold stays near it and about
+    # 1% of 20,000 scores are flagged.
+    assert 4.0 < t.value < 5.3
+    assert 100 < flagged < 320
+
+
+def test_window_wraps_around() -> None:
+    t = RollingQuantileThreshold(window_size=4, quantile=0.5, min_samples=1)
+    for v in [1.0, 2.0, 3.0]:
+        t.judge(np.array([v]))
+    t.judge(np.array([10.0, 10.0, 10.0]))  # above the median -> clipped to it
+    assert t.count == 4
+    assert t.value <= 3.0
