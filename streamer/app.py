@@ -66,6 +66,7 @@ class Detector:
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
         self._server: StatusServer | None = None
+        self._pipeline: Pipeline | None = None
         self._encode = msgspec.json.Encoder().encode
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -75,7 +76,7 @@ class Detector:
         s = self.settings
         started = time.monotonic()
         bundle = bundles.load(Path(s.model.bundle), expected_spec=s.spec)
-        self.pipeline = build_pipeline(s, bundle, bundle.load_scorer())
+        self._pipeline = build_pipeline(s, bundle, bundle.load_scorer())
         self.metrics.model_info.labels(bundle.version, bundle.kind).set(1)
         log.info(
             "model bundle %s (%s, %d features) from %s",
@@ -161,7 +162,8 @@ class Detector:
         if self._server is not None:
             self._server.stop()
             self._server = None
-        self._log_status()
+        if self._pipeline is not None:
+            self._log_status()
 
     # -- one batch -------------------------------------------------------------------------
 
@@ -169,9 +171,9 @@ class Detector:
         """Score the buffered messages, publish, flush, then commit their offsets."""
         if not self._buffer:
             return None
-        assert self._consumer is not None and self._producer is not None
+        assert self._consumer and self._producer and self._pipeline
         messages, self._buffer = self._buffer, []
-        result = self.pipeline.process(messages)
+        result = self._pipeline.process(messages)
         t0 = time.perf_counter()
         self._publish(result)
         t1 = time.perf_counter()
@@ -212,6 +214,8 @@ class Detector:
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
 
     def _log_status(self) -> None:
+        assert self._pipeline is not None
+
         def total(name: str) -> int:
             return int(self.registry.get_sample_value(name) or 0)
 
@@ -222,7 +226,7 @@ class Detector:
         log.info(
             "consumed=%d scored=%d alerts=%d rejected=%d threshold=%.4g",
             total("anomaly_events_consumed_total"), total("anomaly_events_scored_total"),
-            total("anomaly_alerts_published_total"), rejected, self.pipeline.threshold.value,
+            total("anomaly_alerts_published_total"), rejected, self._pipeline.threshold.value,
         )  # fmt: skip
 
 

@@ -32,7 +32,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pass
 
 
-class KafkaSettings(_Section):
+class KafkaSettings(_Section, frozen=True):
     input_topic: str
     alert_topic: str
     dead_letter_topic: str
@@ -68,7 +68,7 @@ class KafkaSettings(_Section):
         return [s.strip() for s in items if s.strip()]
 
 
-class BatchSettings(_Section):
+class BatchSettings(_Section, frozen=True):
     max_batch_size: int = 1000
     max_wait_seconds: float = 0.2
 
@@ -79,11 +79,11 @@ class BatchSettings(_Section):
             raise ValueError("batch.max_wait_seconds must be in [0, 60]")
 
 
-class ModelSettings(_Section):
+class ModelSettings(_Section, frozen=True):
     bundle: str  # a bundle directory, or a registry directory with a `current` file
 
 
-class ThresholdSettings(_Section):
+class ThresholdSettings(_Section, frozen=True):
     quantile: float = 0.999
     window_size: int = 10_000
     min_samples: int = 500
@@ -97,7 +97,7 @@ class ThresholdSettings(_Section):
             raise ValueError("threshold.min_samples must be in [0, threshold.window_size]")
 
 
-class AlertSettings(_Section):
+class AlertSettings(_Section, frozen=True):
     top_features: int = 3
     max_message_bytes: int = 1_000_000  # larger input messages are dead-lettered unread
 
@@ -106,7 +106,7 @@ class AlertSettings(_Section):
             raise ValueError("alerts.top_features must be >= 0")
 
 
-class MetricsSettings(_Section):
+class MetricsSettings(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: int = 9108  # 0 picks a free port (tests)
 
@@ -115,7 +115,7 @@ class MetricsSettings(_Section):
             raise ValueError("metrics.port must be in [0, 65535]")
 
 
-class TrainingSettings(_Section):
+class TrainingSettings(_Section, frozen=True):
     hidden_units: list[int] = msgspec.field(default_factory=lambda: [32, 16])
     bottleneck: int = 4
     epochs: int = 40
@@ -134,7 +134,7 @@ class TrainingSettings(_Section):
             raise ValueError("training.epochs and training.batch_size must be >= 1")
 
 
-class Settings(_Section):
+class Settings(_Section, frozen=True):
     kafka: KafkaSettings
     model: ModelSettings
     profile: str | None = None

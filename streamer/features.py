@@ -33,26 +33,26 @@ class _Column(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field
     pass
 
 
-class Numeric(_Column, tag="numeric"):
+class Numeric(_Column, tag="numeric", frozen=True):
     """A number used as it is."""
 
     field: str
 
 
-class Log1p(_Column, tag="log1p"):
+class Log1p(_Column, tag="log1p", frozen=True):
     """log(1 + x): tames heavy-tailed amounts; values below 0 are clipped to 0."""
 
     field: str
 
 
-class Ratio(_Column, tag="ratio"):
+class Ratio(_Column, tag="ratio", frozen=True):
     """numerator / denominator; a zero denominator gives 0 rather than infinity."""
 
     numerator: str
     denominator: str
 
 
-class OneHot(_Column, tag="onehot"):
+class OneHot(_Column, tag="onehot", frozen=True):
     """One column per vocabulary value plus an `<other>` bucket for anything else."""
 
     field: str
@@ -65,7 +65,7 @@ class OneHot(_Column, tag="onehot"):
             raise ValueError(f"onehot vocabulary of {self.field!r} has duplicates")
 
 
-class HourOfDay(_Column, tag="hour_of_day"):
+class HourOfDay(_Column, tag="hour_of_day", frozen=True):
     """Hour of the event time (UTC) as a point on a circle, so 23:59 sits next to 00:00."""
 
 

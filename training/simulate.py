@@ -117,7 +117,7 @@ def _orders(
             "payment_method": payment,
             "country": country,
         }
-        yield event, Label(event["order_id"], kind != "normal", kind)
+        yield event, Label(str(event["order_id"]), kind != "normal", kind)
 
 
 def _shipping(method: str, country: str, items: int, amount: float) -> float:
@@ -188,7 +188,7 @@ def _sensors(
             "ts": int(t * 1000),
             **{k: round(float(v), 4) for k, v in reading.items()},
         }
-        yield event, Label(event["reading_id"], kind != "normal", kind)
+        yield event, Label(str(event["reading_id"]), kind != "normal", kind)
 
 
 def _iso(seconds: float) -> str:
