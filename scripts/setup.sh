@@ -18,4 +18,12 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   echo "$want" >"$stamp"
 fi
 deploy/local-kafka/kafka.sh fetch
+# promtool checks the Prometheus config and alert rules in the tests (Debian's prometheus).
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "[setup] installing promtool (Debian package prometheus)"
+  sudo=$([[ $(id -u) -eq 0 ]] || echo sudo)
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus \
+    >/dev/null
+fi
 echo "[setup] ready"

@@ -15,6 +15,7 @@ from types import FrameType
 from typing import Any
 
 import msgspec
+import numpy as np
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from prometheus_client import CollectorRegistry
 
@@ -76,7 +77,10 @@ class Detector:
         s = self.settings
         started = time.monotonic()
         bundle = bundles.load(Path(s.model.bundle), expected_spec=s.spec)
-        self._pipeline = build_pipeline(s, bundle, bundle.load_scorer())
+        scorer = bundle.load_scorer()
+        # Trace the model's graph now, so the first batch does not pay for it after /readyz.
+        scorer.reconstruct(np.zeros((1, len(bundle.spec.feature_names())), dtype=np.float32))
+        self._pipeline = build_pipeline(s, bundle, scorer)
         self.metrics.model_info.labels(bundle.version, bundle.kind).set(1)
         log.info(
             "model bundle %s (%s, %d features) from %s",
@@ -132,7 +136,9 @@ class Detector:
                     timeout_ms=int(wait * 1000),
                     max_records=batch.max_batch_size - len(self._buffer),
                 )
-                self._ready = True
+                if not self._ready:
+                    self._ready = True
+                    self.metrics.ready.set(1)
                 if polled:
                     if not self._buffer:
                         deadline = time.monotonic() + batch.max_wait_seconds
@@ -150,6 +156,7 @@ class Detector:
             self.flush_batch()
         finally:
             self._ready = False
+            self.metrics.ready.set(0)
             self.close()
 
     def close(self) -> None:
@@ -240,6 +247,7 @@ class _Rebalance(ConsumerRebalanceListener):
         if self.detector._buffer:
             log.info("partitions revoked: finishing a batch of %d", len(self.detector._buffer))
             self.detector.flush_batch()
+        self.detector.metrics.forget_partitions([(tp.topic, tp.partition) for tp in revoked])
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))

@@ -117,6 +117,16 @@ class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 mask.append(True)
         return np.array(mask, dtype=bool)
 
+    def unit_names(self) -> list[str]:
+        """Feature names as reported in alerts, whose values are in original units."""
+        names = self.feature_names()
+        offset = 0
+        for col in self.columns:
+            if isinstance(col, Log1p):
+                names[offset] = col.field
+            offset += _width(col)
+        return names
+
     def to_original_units(self, index: int, value: float) -> float:
         """Map one feature value back to the unit of its source field (log1p -> expm1)."""
         offset = 0

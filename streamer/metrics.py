@@ -5,13 +5,14 @@ Updated once per batch, never per event: a batch of 1000 costs a handful of call
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from streamer.pipeline import STAGES, BatchResult
@@ -25,6 +26,7 @@ REJECT_REASONS = (
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        ProcessCollector(registry=registry)  # process_resident_memory_bytes, cpu seconds, fds
         self.consumed = Counter(
             "anomaly_events_consumed", "Events read from the input topic", registry=registry
         )
@@ -60,7 +62,7 @@ class Metrics:
         self.score_quantile = Gauge(
             "anomaly_score_quantile",
             "Quantiles of the scores of the latest batch",
-            ["quantile"],
+            ["q"],  # not `quantile`: Prometheus reserves that label for summaries
             registry=registry,
         )
         self.lag = Gauge(
@@ -74,6 +76,12 @@ class Metrics:
             registry=registry,
         )  # fmt: skip
         self.ready = Gauge("anomaly_ready", "1 when consuming and scoring", registry=registry)
+
+    def forget_partitions(self, partitions: list[tuple[str, int]]) -> None:
+        """Drop lag series of partitions this replica no longer owns (no stale values)."""
+        for topic, partition in partitions:
+            with contextlib.suppress(KeyError):  # never exported: no lag refresh since assign
+                self.lag.remove(topic, str(partition))
 
     def record_batch(self, result: BatchResult, extra_stages: dict[str, float]) -> None:
         self.batches.inc()

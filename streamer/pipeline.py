@@ -61,6 +61,7 @@ class Pipeline:
         self.max_message_bytes = max_message_bytes
         self._decoder = msgspec.json.Decoder(spec.event_type())
         self._names = spec.feature_names()
+        self._unit_names = spec.unit_names()
 
     def process(self, messages: Sequence[RawMessage]) -> BatchResult:
         clock = time.perf_counter
@@ -141,7 +142,7 @@ class Pipeline:
         top = np.argsort(errors)[::-1][: self.top_features]
         explained = [
             FeatureContribution(
-                feature=self._names[j],
+                feature=self._unit_names[j],
                 actual=spec.to_original_units(j, float(raw[j])),
                 reconstructed=spec.to_original_units(j, float(recon[j])),
                 contribution=float(errors[j]) / total,

@@ -75,7 +75,7 @@ def test_detects_anomalies_publishes_alerts_and_counts(
     assert any(name == "anomaly_model_info" and v == 1 for (name, _), v in samples.items())
     assert daemon.metric("anomaly_threshold") > 0
     assert daemon.metric("anomaly_batch_duration_seconds_count", stage="score") > 0
-    assert daemon.metric("anomaly_score_quantile", quantile="0.99") > 0
+    assert daemon.metric("anomaly_score_quantile", q="0.99") > 0
     assert daemon.get("/healthz")[0] == 200
 
     assert daemon.stop() == 0

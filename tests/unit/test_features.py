@@ -83,6 +83,7 @@ def test_standardized_mask_and_units() -> None:
     assert SPEC.standardized().tolist() == [True, True, True, False, False, False, False, False]
     assert SPEC.to_original_units(1, math.log1p(99.0)) == pytest.approx(99.0)
     assert SPEC.to_original_units(0, 3.0) == 3.0
+    assert SPEC.unit_names()[:3] == ["n", "amount", "amount/n"]
 
 
 def test_spec_round_trips_through_json_and_rejects_bad_columns() -> None:
