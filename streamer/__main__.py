@@ -63,10 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(settings: config_mod.Settings) -> int:
-    from kafka.errors import KafkaError
-
     from streamer.app import Detector
     from streamer.bundle import BundleError
+    from streamer.delivery import FatalDeliveryError
     from streamer.kafka_io import StartupError
 
     detector = Detector(settings)
@@ -77,16 +76,13 @@ def _run(settings: config_mod.Settings) -> int:
         logging.getLogger("streamer").error("cannot start: %s", exc)
         detector.close()
         return EXIT_CONFIG
-    except KafkaError as exc:
-        logging.getLogger("streamer").error(
-            "cannot start: Kafka at %s: %s", ",".join(settings.kafka.servers), exc
-        )
-        detector.close()
-        return EXIT_CONFIG
     try:
         detector.run()
     except KeyboardInterrupt:
         return 130
+    except FatalDeliveryError as exc:
+        logging.getLogger("streamer").error("stopping: %s", exc)
+        return 1
     return 0
 
 

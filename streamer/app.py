@@ -1,8 +1,9 @@
-"""The daemon: poll -> micro-batch -> pipeline -> publish -> flush -> commit, until told to stop.
+"""The daemon: poll -> micro-batch -> pipeline -> deliver (publish + commit), until stopped.
 
-Commit order (at-least-once): alerts and dead letters of a batch are produced and flushed
-before the batch's offsets are committed. A crash between the two replays the batch, and the
-replayed alerts carry the same `alert_id` because it is derived from the source position.
+Kafka trouble never ends the process. While the broker is unreachable the daemon keeps its
+batch, reports not-ready on /readyz, retries with exponential back-off and resumes where it
+was; the only errors that stop it are the ones a retry cannot fix (bad config, bundle or
+input topic at start; another instance taking its transactional id).
 """
 
 from __future__ import annotations
@@ -14,14 +15,23 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import msgspec
 import numpy as np
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaConsumer
+from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from streamer import bundle as bundles
 from streamer import kafka_io
 from streamer.config import Settings
+from streamer.delivery import (
+    AtLeastOnce,
+    Delivery,
+    DeliveryError,
+    ExactlyOnce,
+    FatalDeliveryError,
+    Rebalanced,
+)
+from streamer.kafka_io import StartupError
 from streamer.metrics import REJECT_REASONS, Heartbeat, Metrics, StatusServer
 from streamer.pipeline import BatchResult, Pipeline
 from streamer.records import ModelRef, RawMessage
@@ -30,12 +40,9 @@ from streamer.threshold import RollingQuantileThreshold
 log = logging.getLogger("streamer")
 
 IDLE_POLL_SECONDS = 0.5
-LAG_REFRESH_SECONDS = 1.0
+CHECK_SECONDS = 1.0  # lag and broker-contact checks
 STATUS_LOG_SECONDS = 10.0
-
-
-class PublishError(Exception):
-    """Kafka did not accept a batch's alerts or dead letters; its offsets were not committed."""
+BACKOFF_START_SECONDS = 0.5
 
 
 def build_pipeline(settings: Settings, bundle: bundles.Bundle, scorer: Any) -> Pipeline:
@@ -54,6 +61,21 @@ def build_pipeline(settings: Settings, bundle: bundles.Bundle, scorer: Any) -> P
     )
 
 
+class Backoff:
+    """Exponential back-off, doubled per failure up to a ceiling, reset by a success."""
+
+    def __init__(self, ceiling_seconds: float) -> None:
+        self.ceiling = ceiling_seconds
+        self.next = BACKOFF_START_SECONDS
+
+    def failed(self) -> float:
+        delay, self.next = self.next, min(self.ceiling, self.next * 2)
+        return delay
+
+    def reset(self) -> None:
+        self.next = BACKOFF_START_SECONDS
+
+
 class Detector:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
@@ -61,19 +83,22 @@ class Detector:
         self.metrics = Metrics(self.registry)
         self.heartbeat = Heartbeat(stale_after_seconds=60.0)
         self.should_exit = False
-        self.force_exit = False
         self._ready = False
+        self._broker_ok = False
         self._buffer: list[RawMessage] = []
         self._consumer: KafkaConsumer | None = None
-        self._producer: KafkaProducer | None = None
+        self._delivery: Delivery | None = None
         self._server: StatusServer | None = None
         self._pipeline: Pipeline | None = None
-        self._encode = msgspec.json.Encoder().encode
+        self._backoff = Backoff(settings.kafka.retry_backoff_max_seconds)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load and verify everything; raise (BundleError, StartupError) before consuming."""
+        """Load and verify the bundle, serve /metrics, then connect to Kafka (retrying).
+
+        Raises BundleError or StartupError for what a retry cannot fix.
+        """
         s = self.settings
         started = time.monotonic()
         bundle = bundles.load(Path(s.model.bundle), expected_spec=s.spec)
@@ -86,20 +111,41 @@ class Detector:
             "model bundle %s (%s, %d features) from %s",
             bundle.version, bundle.kind, len(bundle.spec.feature_names()), bundle.path,
         )  # fmt: skip
-        kafka_io.prepare_topics(s.kafka)
-        self._producer = kafka_io.make_producer(s.kafka)
-        self._consumer = kafka_io.make_consumer(s.kafka)
-        self._consumer.subscribe([s.kafka.input_topic], listener=_Rebalance(self))
+        # Health and metrics first, so an orchestrator sees a live, not-ready process while
+        # Kafka is away.
         self._server = StatusServer(
             self.registry, s.metrics.host, s.metrics.port, self.heartbeat.alive, self.is_ready
         )
         self._server.start()
+        self._connect()
+        if self.should_exit:
+            return
         log.info(
-            "consuming %s as group %s; alerts -> %s, dead letters -> %s; metrics on http://%s:%d/metrics",
-            s.kafka.input_topic, s.kafka.group_id, s.kafka.alert_topic,
+            "consuming %s as group %s (%s); alerts -> %s, dead letters -> %s; "
+            "metrics on http://%s:%d/metrics; started in %.1fs",
+            s.kafka.input_topic, s.kafka.group_id, s.kafka.delivery, s.kafka.alert_topic,
             s.kafka.dead_letter_topic, s.metrics.host, self._server.port,
+            time.monotonic() - started,
         )  # fmt: skip
-        log.info("started in %.1fs", time.monotonic() - started)
+
+    def _connect(self) -> None:
+        k = self.settings.kafka
+        while not self.should_exit:
+            try:
+                kafka_io.prepare_topics(k)
+                consumer = kafka_io.make_consumer(k)
+                consumer.subscribe([k.input_topic], listener=_Rebalance(self))
+                self._consumer = consumer
+                self._delivery = (
+                    ExactlyOnce(k, consumer) if k.delivery == "exactly-once"
+                    else AtLeastOnce(k, consumer)
+                )  # fmt: skip
+                self._backoff.reset()
+                return
+            except StartupError:
+                raise
+            except KafkaError as exc:
+                self._wait_after_failure(f"cannot reach Kafka at {','.join(k.servers)}: {exc}")
 
     @property
     def metrics_port(self) -> int:
@@ -107,7 +153,7 @@ class Detector:
         return self._server.port
 
     def is_ready(self) -> bool:
-        return self._ready and not self.should_exit
+        return self._ready and self._broker_ok and not self.should_exit
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._handle_signal)
@@ -115,18 +161,19 @@ class Detector:
 
     def _handle_signal(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True
             raise KeyboardInterrupt  # a second Ctrl+C: give up on the batch in hand
         log.info("%s received: finishing the batch in hand", signal.Signals(sig).name)
         self.should_exit = True
 
     def run(self) -> None:
         """Consume until stopped; on the way out finish, publish and commit the batch in hand."""
-        assert self._consumer is not None
+        if self._consumer is None:  # stopped while still connecting
+            self.close()
+            return
         consumer = self._consumer
         batch = self.settings.batch
         deadline = 0.0
-        next_lag = next_status = 0.0
+        next_check = next_status = 0.0
         try:
             while not self.should_exit:
                 self.heartbeat.beat()
@@ -136,9 +183,6 @@ class Detector:
                     timeout_ms=int(wait * 1000),
                     max_records=batch.max_batch_size - len(self._buffer),
                 )
-                if not self._ready:
-                    self._ready = True
-                    self.metrics.ready.set(1)
                 if polled:
                     if not self._buffer:
                         deadline = time.monotonic() + batch.max_wait_seconds
@@ -147,25 +191,24 @@ class Detector:
                 now = time.monotonic()
                 if self._buffer and (len(self._buffer) >= batch.max_batch_size or now >= deadline):
                     self.flush_batch()
-                if now >= next_lag:
-                    self._refresh_lag()
-                    next_lag = now + LAG_REFRESH_SECONDS
+                if now >= next_check:
+                    self._check(consumer, polled_any=bool(polled))
+                    next_check = now + CHECK_SECONDS
                 if now >= next_status:
                     self._log_status()
                     next_status = now + STATUS_LOG_SECONDS
-            self.flush_batch()
+            self.flush_batch(grace_seconds=self.settings.kafka.shutdown_grace_seconds)
         finally:
-            self._ready = False
-            self.metrics.ready.set(0)
+            self._set_ready(False)
             self.close()
 
     def close(self) -> None:
         if self._consumer is not None:
             self._consumer.close(autocommit=False)
             self._consumer = None
-        if self._producer is not None:
-            self._producer.close(timeout=10)
-            self._producer = None
+        if self._delivery is not None:
+            self._delivery.close()
+            self._delivery = None
         if self._server is not None:
             self._server.stop()
             self._server = None
@@ -174,51 +217,63 @@ class Detector:
 
     # -- one batch -------------------------------------------------------------------------
 
-    def flush_batch(self) -> BatchResult | None:
-        """Score the buffered messages, publish, flush, then commit their offsets."""
+    def flush_batch(self, grace_seconds: float | None = None) -> BatchResult | None:
+        """Score the buffered messages, then deliver them (publish + commit), retrying.
+
+        The same scored batch is retried until it is delivered, the group moves its
+        partitions elsewhere, or (shutting down) the grace period ends.
+        """
         if not self._buffer:
             return None
-        assert self._consumer and self._producer and self._pipeline
+        assert self._delivery is not None and self._pipeline is not None
         messages, self._buffer = self._buffer, []
         result = self._pipeline.process(messages)
-        t0 = time.perf_counter()
-        self._publish(result)
-        t1 = time.perf_counter()
-        self._consumer.commit(kafka_io.next_offsets(messages))
-        t2 = time.perf_counter()
-        self.metrics.record_batch(result, {"produce": t1 - t0, "commit": t2 - t1})
-        if result.alerts:
-            log.debug("batch of %d: %d alert(s)", result.consumed, len(result.alerts))
+        offsets = kafka_io.next_offsets(messages)
+        give_up = None if grace_seconds is None else time.monotonic() + grace_seconds
+        while True:
+            try:
+                stages = self._delivery.deliver(result, offsets)
+            except Rebalanced as exc:
+                log.warning("group rebalanced before the commit; the new owner replays: %s", exc)
+                self.metrics.delivery_failures.labels("rebalanced").inc()
+                return result
+            except DeliveryError as exc:
+                self.metrics.delivery_failures.labels("retried").inc()
+                if give_up is not None and time.monotonic() >= give_up:
+                    raise FatalDeliveryError(f"batch not delivered before shutdown: {exc}") from exc
+                self._wait_after_failure(f"batch of {len(messages)} not delivered: {exc}")
+                continue
+            break
+        self._backoff.reset()
+        self._broker_ok = True
+        self.metrics.record_batch(result, stages)
         return result
 
-    def _publish(self, result: BatchResult) -> None:
-        assert self._producer is not None
-        k = self.settings.kafka
-        send = self._producer.send
-        futures = [
-            send(k.alert_topic, key=str(a.entity).encode(), value=self._encode(a))
-            for a in result.alerts
-        ]
-        futures += [
-            send(
-                k.dead_letter_topic,
-                key=d.message.key,
-                value=d.message.value or b"",
-                headers=kafka_io.dead_letter_headers(d),
-            )
-            for d in result.dead_letters
-        ]
-        self._producer.flush()
-        failed = [f.exception for f in futures if f.failed()]
-        if failed:
-            raise PublishError(f"{len(failed)} of {len(futures)} records not accepted: {failed[0]}")
+    def _wait_after_failure(self, why: str) -> None:
+        self._set_ready(False)
+        self._broker_ok = False
+        delay = self._backoff.failed()
+        log.warning("%s; retrying in %.1fs", why, delay)
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline:
+            self.heartbeat.beat()  # waiting on Kafka is not a hung process
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     # -- observability ---------------------------------------------------------------------
 
-    def _refresh_lag(self) -> None:
-        assert self._consumer is not None
-        for tp, lag in kafka_io.consumer_lag(self._consumer).items():
+    def _check(self, consumer: KafkaConsumer, polled_any: bool) -> None:
+        """Once a second: consumer lag, and whether the group coordinator still answers."""
+        for tp, lag in kafka_io.consumer_lag(consumer).items():
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+        in_touch = polled_any or kafka_io.coordinator_in_touch(consumer)
+        if in_touch != self._broker_ok:
+            log.info("Kafka %s", "reachable" if in_touch else "unreachable: waiting for it")
+        self._broker_ok = in_touch
+        self._set_ready(in_touch)
+
+    def _set_ready(self, ready: bool) -> None:
+        self._ready = ready
+        self.metrics.ready.set(1 if self.is_ready() else 0)
 
     def _log_status(self) -> None:
         assert self._pipeline is not None
@@ -246,7 +301,13 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_revoked(self, revoked: Any) -> None:
         if self.detector._buffer:
             log.info("partitions revoked: finishing a batch of %d", len(self.detector._buffer))
-            self.detector.flush_batch()
+            # Bounded: the group waits for this callback, and the new owner replays anything
+            # not committed by then.
+            try:
+                grace = self.detector.settings.kafka.delivery_timeout_seconds
+                self.detector.flush_batch(grace_seconds=grace)
+            except FatalDeliveryError as exc:
+                log.warning("batch in hand not delivered before the rebalance: %s", exc)
         self.detector.metrics.forget_partitions([(tp.topic, tp.partition) for tp in revoked])
 
     def on_partitions_assigned(self, assigned: Any) -> None:

@@ -51,11 +51,37 @@ class KafkaSettings(_Section, frozen=True):
     producer_batch_bytes: int = 262_144
     producer_acks: Literal["all", "1", "0"] = "all"
     request_timeout_ms: int = 30_000
+    # at-least-once: produce, flush, commit. exactly-once: one transaction per batch.
+    delivery: Literal["at-least-once", "exactly-once"] = "at-least-once"
+    # exactly-once only. Must be stable across restarts of one replica and differ between
+    # replicas; the default, `<group_id>-<hostname>`, is that under Kubernetes and Compose.
+    transactional_id: str | None = None
+    delivery_timeout_seconds: float = 30.0  # one try at getting a batch out
+    retry_backoff_max_seconds: float = 30.0  # back-off ceiling while Kafka is unreachable
+    shutdown_grace_seconds: float = 30.0  # how long SIGTERM keeps retrying the last batch
+    # Security: passed through to kafka-python unchanged.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: str | None = None
+    ssl_check_hostname: bool = True
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("input_topic", "alert_topic", "dead_letter_topic", "group_id"):
             if not getattr(self, name):
                 raise ValueError(f"kafka.{name} must not be empty")
+        if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
+            raise ValueError(f"kafka.sasl_mechanism is required with {self.security_protocol}")
+        if self.sasl_mechanism and not (self.sasl_plain_username and self.sasl_plain_password):
+            raise ValueError("kafka.sasl_plain_username and sasl_plain_password are required")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("kafka.ssl_certfile and kafka.ssl_keyfile go together")
+        if self.delivery_timeout_seconds <= 0 or self.retry_backoff_max_seconds <= 0:
+            raise ValueError("kafka.delivery_timeout_seconds and retry_backoff_max_seconds > 0")
         if len({self.input_topic, self.alert_topic, self.dead_letter_topic}) != 3:
             raise ValueError("kafka input, alert and dead-letter topics must all differ")
         if self.output_topic_partitions < 1:

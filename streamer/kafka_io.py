@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -21,12 +22,27 @@ class StartupError(Exception):
     """Kafka is not in a state the daemon can start in; the message says what to fix."""
 
 
+SECURITY_OPTIONS = (
+    "security_protocol", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password",
+    "ssl_check_hostname", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password",
+)  # fmt: skip
+
+
 def common_options(kafka: KafkaSettings) -> dict[str, Any]:
-    return {
+    options: dict[str, Any] = {
         "bootstrap_servers": kafka.servers,
         "client_id": kafka.client_id,
         "request_timeout_ms": kafka.request_timeout_ms,
     }
+    for name in SECURITY_OPTIONS:
+        value = getattr(kafka, name)
+        if value is not None:
+            options[name] = value
+    return options
+
+
+def transactional_id(kafka: KafkaSettings) -> str:
+    return kafka.transactional_id or f"{kafka.group_id}-{socket.gethostname()}"
 
 
 def prepare_topics(kafka: KafkaSettings) -> None:
@@ -69,15 +85,21 @@ def make_consumer(kafka: KafkaSettings) -> KafkaConsumer:
     )
 
 
-def make_producer(kafka: KafkaSettings) -> KafkaProducer:
+def make_producer(kafka: KafkaSettings, transactional: bool = False) -> KafkaProducer:
     acks: int | str = "all" if kafka.producer_acks == "all" else int(kafka.producer_acks)
+    # Idempotence (no duplicates from the producer's own retries) needs acks=all.
+    extra: dict[str, Any] = {"enable_idempotence": acks == "all"}
+    if transactional:
+        # Transactions need idempotence, which needs acks=all.
+        extra = {"transactional_id": transactional_id(kafka), "enable_idempotence": True}
+        acks = "all"
     return KafkaProducer(
         **common_options(kafka),
         acks=acks,
         linger_ms=kafka.producer_linger_ms,
         batch_size=kafka.producer_batch_bytes,
-        retries=2**31 - 1,
         max_in_flight_requests_per_connection=5,
+        **extra,
     )
 
 
@@ -118,3 +140,10 @@ def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
             continue
         lag[tp] = max(0, high - consumer.position(tp))
     return lag
+
+
+def coordinator_in_touch(consumer: KafkaConsumer, within_seconds: float = 10.0) -> bool:
+    """True while the group coordinator answers heartbeats (kafka-python sends one every 3 s)."""
+    group = consumer.metrics().get("consumer-coordinator-metrics", {})
+    ago = group.get("last-heartbeat-seconds-ago")
+    return ago is not None and ago < within_seconds

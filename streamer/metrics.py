@@ -15,7 +15,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from streamer.pipeline import STAGES, BatchResult
+from streamer.pipeline import BatchResult
 
 SCORE_QUANTILES = (0.5, 0.9, 0.99, 0.999)
 REJECT_REASONS = (
@@ -76,6 +76,14 @@ class Metrics:
             registry=registry,
         )  # fmt: skip
         self.ready = Gauge("anomaly_ready", "1 when consuming and scoring", registry=registry)
+        self.delivery_failures = Counter(
+            "anomaly_delivery_failures",
+            "Batches whose publish or commit failed: retried, or left to a new owner",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("retried", "rebalanced"):
+            self.delivery_failures.labels(outcome)
 
     def forget_partitions(self, partitions: list[tuple[str, int]]) -> None:
         """Drop lag series of partitions this replica no longer owns (no stale values)."""
@@ -103,9 +111,6 @@ class Metrics:
             values = np.quantile(result.scores, SCORE_QUANTILES)
             for q, v in zip(SCORE_QUANTILES, values, strict=True):
                 self.score_quantile.labels(str(q)).set(float(v))
-
-
-STAGE_NAMES = (*STAGES, "produce", "commit")
 
 
 class StatusServer:
