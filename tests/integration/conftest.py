@@ -32,12 +32,20 @@ class Topics:
     group: str
 
 
+def create_topics(bootstrap: str, t: Topics) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(t.input, 4, 1)], wait_for_metadata=True)
+    finally:
+        admin.close()
+
+
 @pytest.fixture
 def topics(kafka_bootstrap: str, unique: Callable[[str], str]) -> Iterator[Topics]:
     t = Topics(unique("in"), unique("alerts"), unique("dlq"), unique("group"))
-    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    admin.create_topics([NewTopic(t.input, 4, 1)], wait_for_metadata=True)
+    create_topics(kafka_bootstrap, t)
     yield t
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     admin.delete_topics([t.input, t.alerts, t.dead_letters], raise_errors=False)
     admin.close()
 
@@ -119,26 +127,30 @@ class Daemon:
         self._log.close()
 
 
-@pytest.fixture
-def start_daemon(
-    kafka_bootstrap: str, topics: Topics, orders_registry: Path, tmp_path: Path
-) -> Iterator[Callable[..., Daemon]]:
-    started: list[Daemon] = []
-
-    def start(batch_size: int = 1000, wait_seconds: float = 0.1, extra: str = "") -> Daemon:
-        port = free_port()
-        config = tmp_path / f"daemon-{len(started)}.toml"
-        config.write_text(
-            f"""
+def write_config(
+    path: Path,
+    bootstrap: str,
+    topics: Topics,
+    registry: Path,
+    batch_size: int = 1000,
+    wait_seconds: float = 0.1,
+    kafka_extra: str = "",
+    extra: str = "",
+) -> int:
+    """A daemon config for one test; returns the metrics port it was given."""
+    port = free_port()
+    path.write_text(
+        f"""
 profile = "orders"
 [kafka]
-bootstrap_servers = "{kafka_bootstrap}"
+bootstrap_servers = "{bootstrap}"
 input_topic = "{topics.input}"
 alert_topic = "{topics.alerts}"
 dead_letter_topic = "{topics.dead_letters}"
 group_id = "{topics.group}"
+{kafka_extra}
 [model]
-bundle = "{orders_registry}"
+bundle = "{registry}"
 [batch]
 max_batch_size = {batch_size}
 max_wait_seconds = {wait_seconds}
@@ -146,8 +158,24 @@ max_wait_seconds = {wait_seconds}
 port = {port}
 {extra}
 """
-        )
-        daemon = Daemon(config, port, tmp_path / f"daemon-{len(started)}.log")
+    )
+    return port
+
+
+@pytest.fixture
+def start_daemon(
+    kafka_bootstrap: str, topics: Topics, orders_registry: Path, tmp_path: Path
+) -> Iterator[Callable[..., Daemon]]:
+    """Start `streamer run` subprocesses; keyword arguments go to `write_config`."""
+    started: list[Daemon] = []
+
+    def start(**options: Any) -> Daemon:
+        options.setdefault("bootstrap", kafka_bootstrap)
+        options.setdefault("topics", topics)
+        n = len(started)
+        config = tmp_path / f"daemon-{n}.toml"
+        port = write_config(config, registry=orders_registry, **options)
+        daemon = Daemon(config, port, tmp_path / f"daemon-{n}.log")
         started.append(daemon)
         return daemon
 
@@ -166,9 +194,15 @@ def produce(
     producer.close()
 
 
-def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[Any]:
+def read_topic(
+    bootstrap: str, topic: str, timeout: float = 60.0, read_committed: bool = False
+) -> list[Any]:
     """Every record of `topic`, read from the beginning up to its current end."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        isolation_level="read_committed" if read_committed else "read_uncommitted",
+    )
     try:
         parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
@@ -179,11 +213,17 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[Any]:
         end = consumer.end_offsets(tps)
         records: list[Any] = []
         deadline = time.monotonic() + timeout
+        idle_since = time.monotonic()
         while any(consumer.position(tp) < end[tp] for tp in tps):
             if time.monotonic() > deadline:
                 raise AssertionError(f"could not read {topic} to its end in {timeout}s")
-            for batch in consumer.poll(timeout_ms=500).values():
+            polled = consumer.poll(timeout_ms=500)
+            for batch in polled.values():
                 records.extend(batch)
+            if polled:
+                idle_since = time.monotonic()
+            elif read_committed and time.monotonic() - idle_since > 5.0:
+                break  # a transaction marker can sit at the end, past the last record
         return records
     finally:
         consumer.close()
