@@ -133,18 +133,21 @@ class Detector:
         while not self.should_exit:
             try:
                 kafka_io.prepare_topics(k)
-                consumer = kafka_io.make_consumer(k)
-                consumer.subscribe([k.input_topic], listener=_Rebalance(self))
-                self._consumer = consumer
-                self._delivery = (
-                    ExactlyOnce(k, consumer) if k.delivery == "exactly-once"
-                    else AtLeastOnce(k, consumer)
-                )  # fmt: skip
+                if self._consumer is None:
+                    consumer = kafka_io.make_consumer(k)
+                    self._delivery = (
+                        ExactlyOnce(k, consumer) if k.delivery == "exactly-once"
+                        else AtLeastOnce(k, consumer)
+                    )  # fmt: skip
+                    self._consumer = consumer
+                assert self._delivery is not None
+                self._delivery.prepare()
+                self._consumer.subscribe([k.input_topic], listener=_Rebalance(self))
                 self._backoff.reset()
                 return
             except StartupError:
                 raise
-            except KafkaError as exc:
+            except (KafkaError, DeliveryError) as exc:
                 self._wait_after_failure(f"cannot reach Kafka at {','.join(k.servers)}: {exc}")
 
     @property
@@ -167,7 +170,7 @@ class Detector:
 
     def run(self) -> None:
         """Consume until stopped; on the way out finish, publish and commit the batch in hand."""
-        if self._consumer is None:  # stopped while still connecting
+        if self._consumer is None or self.should_exit:  # stopped while still connecting
             self.close()
             return
         consumer = self._consumer
@@ -179,10 +182,14 @@ class Detector:
                 self.heartbeat.beat()
                 now = time.monotonic()
                 wait = max(0.0, deadline - now) if self._buffer else IDLE_POLL_SECONDS
-                polled = consumer.poll(
-                    timeout_ms=int(wait * 1000),
-                    max_records=batch.max_batch_size - len(self._buffer),
-                )
+                try:
+                    polled = consumer.poll(
+                        timeout_ms=int(wait * 1000),
+                        max_records=batch.max_batch_size - len(self._buffer),
+                    )
+                except KafkaError as exc:  # kafka-python retries itself; some errors escape
+                    self._wait_after_failure(f"poll: {exc}")
+                    continue
                 if polled:
                     if not self._buffer:
                         deadline = time.monotonic() + batch.max_wait_seconds
@@ -263,9 +270,12 @@ class Detector:
 
     def _check(self, consumer: KafkaConsumer, polled_any: bool) -> None:
         """Once a second: consumer lag, and whether the group coordinator still answers."""
-        for tp, lag in kafka_io.consumer_lag(consumer).items():
-            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
-        in_touch = polled_any or kafka_io.coordinator_in_touch(consumer)
+        try:
+            for tp, lag in kafka_io.consumer_lag(consumer).items():
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+            in_touch = polled_any or kafka_io.coordinator_in_touch(consumer)
+        except KafkaError:  # position() may need the broker to validate an offset
+            in_touch = False
         if in_touch != self._broker_ok:
             log.info("Kafka %s", "reachable" if in_touch else "unreachable: waiting for it")
         self._broker_ok = in_touch

@@ -38,6 +38,11 @@ class KafkaSettings(_Section, frozen=True):
     dead_letter_topic: str
     bootstrap_servers: str | list[str] = "127.0.0.1:9092"
     group_id: str = "anomaly-streamer"
+    # Static membership: a replica that restarts with the same id takes its partitions back
+    # at once instead of waiting out the session timeout (set it to the pod name in a
+    # StatefulSet; leave unset where replicas have no stable name).
+    group_instance_id: str | None = None
+    session_timeout_ms: int = 10_000  # how long a silent member keeps its partitions
     client_id: str = "anomaly-streamer"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     # Create the alert and dead-letter topics at start when they are missing. The input topic
@@ -56,8 +61,14 @@ class KafkaSettings(_Section, frozen=True):
     # exactly-once only. Must be stable across restarts of one replica and differ between
     # replicas; the default, `<group_id>-<hostname>`, is that under Kubernetes and Compose.
     transactional_id: str | None = None
+    # exactly-once: the broker aborts a transaction left open this long (by a dead replica
+    # whose successor has another transactional id); read_committed readers wait until then.
+    transaction_timeout_ms: int = 60_000
     delivery_timeout_seconds: float = 30.0  # one try at getting a batch out
-    retry_backoff_max_seconds: float = 30.0  # back-off ceiling while Kafka is unreachable
+    retry_backoff_max_seconds: float = 5.0  # back-off ceiling while Kafka is unreachable
+    # kafka-python's own reconnect back-off ceiling (its default, 30 s, would leave the
+    # daemon idle up to half a minute after the broker is back).
+    reconnect_backoff_max_ms: int = 1000
     shutdown_grace_seconds: float = 30.0  # how long SIGTERM keeps retrying the last batch
     # Security: passed through to kafka-python unchanged.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"

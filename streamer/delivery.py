@@ -44,6 +44,10 @@ class FatalDeliveryError(Exception):
 
 
 class Delivery(Protocol):
+    def prepare(self) -> None:
+        """Get ready to deliver, before the first poll; raise DeliveryError to retry."""
+        ...
+
     def deliver(self, result: BatchResult, offsets: Offsets) -> dict[str, float]:
         """Publish and commit one batch; return seconds spent per stage (produce, commit)."""
         ...
@@ -70,6 +74,9 @@ class AtLeastOnce:
         self.kafka = kafka
         self.consumer = consumer
         self.producer = kafka_io.make_producer(kafka)
+
+    def prepare(self) -> None:
+        pass  # the producer connects lazily; nothing must happen before the first poll
 
     def deliver(self, result: BatchResult, offsets: Offsets) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -110,6 +117,15 @@ class ExactlyOnce:
         self.consumer = consumer
         self._make = make_producer or (lambda: kafka_io.make_producer(kafka, transactional=True))
         self.producer: KafkaProducer | None = None
+
+    def prepare(self) -> None:
+        """Initialise transactions before the first poll.
+
+        A killed predecessor with the same transactional id may hold an open transaction with
+        pending offsets; until it is aborted the group's offsets are unstable and the consumer
+        cannot start. init_transactions aborts it now instead of after its timeout.
+        """
+        self._ensure_producer()
 
     def _ensure_producer(self) -> KafkaProducer:
         if self.producer is None:

@@ -33,6 +33,7 @@ def common_options(kafka: KafkaSettings) -> dict[str, Any]:
         "bootstrap_servers": kafka.servers,
         "client_id": kafka.client_id,
         "request_timeout_ms": kafka.request_timeout_ms,
+        "reconnect_backoff_max_ms": kafka.reconnect_backoff_max_ms,
     }
     for name in SECURITY_OPTIONS:
         value = getattr(kafka, name)
@@ -76,6 +77,8 @@ def make_consumer(kafka: KafkaSettings) -> KafkaConsumer:
     return KafkaConsumer(
         **common_options(kafka),
         group_id=kafka.group_id,
+        group_instance_id=kafka.group_instance_id,
+        session_timeout_ms=kafka.session_timeout_ms,
         enable_auto_commit=False,  # offsets are committed only after alerts are flushed
         auto_offset_reset=kafka.auto_offset_reset,
         max_poll_records=kafka.max_poll_records,
@@ -91,7 +94,11 @@ def make_producer(kafka: KafkaSettings, transactional: bool = False) -> KafkaPro
     extra: dict[str, Any] = {"enable_idempotence": acks == "all"}
     if transactional:
         # Transactions need idempotence, which needs acks=all.
-        extra = {"transactional_id": transactional_id(kafka), "enable_idempotence": True}
+        extra = {
+            "transactional_id": transactional_id(kafka),
+            "transaction_timeout_ms": kafka.transaction_timeout_ms,
+            "enable_idempotence": True,
+        }
         acks = "all"
     return KafkaProducer(
         **common_options(kafka),

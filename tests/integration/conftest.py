@@ -185,9 +185,15 @@ def start_daemon(
 
 
 def produce(
-    bootstrap: str, topic: str, values: list[bytes], keys: list[bytes | None] | None = None
+    bootstrap: str,
+    topic: str,
+    values: list[bytes],
+    keys: list[bytes | None] | None = None,
+    **options: Any,
 ) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, batch_size=262_144)
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=5, batch_size=262_144, **options
+    )
     for i, v in enumerate(values):
         producer.send(topic, key=keys[i] if keys else None, value=v)
     producer.flush()

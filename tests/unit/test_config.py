@@ -97,3 +97,38 @@ def test_unreadable_files(tmp_path: Path) -> None:
     bad.write_text("[kafka\n")
     with pytest.raises(config.ConfigError, match="not valid TOML"):
         config.load(bad)
+
+
+def test_security_and_delivery_settings() -> None:
+    kafka = {
+        **MINIMAL["kafka"],
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "detector",
+        "sasl_plain_password": "secret",
+        "ssl_cafile": "ca.pem",
+        "delivery": "exactly-once",
+    }
+    s = config.from_mapping({**MINIMAL, "kafka": kafka}, {})
+    from streamer.kafka_io import common_options, transactional_id
+
+    options = common_options(s.kafka)
+    assert options["security_protocol"] == "SASL_SSL"
+    assert options["sasl_plain_username"] == "detector" and options["ssl_cafile"] == "ca.pem"
+    assert "ssl_certfile" not in options  # unset values are left to kafka-python's defaults
+    assert transactional_id(s.kafka).startswith("anomaly-streamer-")
+
+
+@pytest.mark.parametrize(
+    ("kafka", "named"),
+    [
+        ({"security_protocol": "SASL_PLAINTEXT"}, r"kafka\.sasl_mechanism is required"),
+        ({"sasl_mechanism": "PLAIN"}, r"sasl_plain_username and sasl_plain_password"),
+        ({"ssl_certfile": "c.pem"}, r"ssl_certfile and kafka\.ssl_keyfile"),
+        ({"delivery": "at-most-once"}, r"\$\.kafka\.delivery"),
+        ({"security_protocol": "TLS"}, r"\$\.kafka\.security_protocol"),
+    ],
+)
+def test_bad_security_settings_are_named(kafka: dict, named: str) -> None:
+    with pytest.raises(config.ConfigError, match=named):
+        config.from_mapping({**MINIMAL, "kafka": {**MINIMAL["kafka"], **kafka}}, {})
