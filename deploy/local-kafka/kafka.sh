@@ -70,8 +70,9 @@ start() {
   : >"$logfile"
   if [[ ! -f $data/meta.properties ]]; then
     log "formatting KRaft storage in $data"
+    # --cluster-id=ID, not `-t ID`: an id may start with "-", which argparse takes for a flag.
     "${jvm[@]}" kafka.tools.StorageTool format --standalone \
-      -t "$(uuid_b64)" -c "$props" >>"$logfile" 2>&1 || { tail -n 40 "$logfile" >&2; exit 1; }
+      --cluster-id="$(uuid_b64)" -c "$props" >>"$logfile" 2>&1 || { tail -n 40 "$logfile" >&2; exit 1; }
   fi
   log "starting broker on 127.0.0.1:$port (log: $logfile)"
   nohup "${jvm[@]}" kafka.Kafka "$props" >>"$logfile" 2>&1 &
