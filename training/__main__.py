@@ -40,6 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--out", type=Path, help="registry dir (default: the config's model.bundle)")
     fit.add_argument("--verbose", action="store_true", help="print Keras progress per epoch")
 
+    sub.add_parser(
+        "evaluate",
+        help="labeled replay evaluation on a data set (see: training evaluate --help)",
+        add_help=False,
+    )
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["evaluate"]:  # its own parser: the evaluator has many options
+        from training.evaluate import main as evaluate_main
+
+        return evaluate_main(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -6,7 +6,7 @@ import pytest
 
 @pytest.mark.parametrize(
     ("module", "commands"),
-    [("streamer", ["run", "check", "tail"]), ("training", ["simulate", "fit"])],
+    [("streamer", ["run", "check", "tail"]), ("training", ["simulate", "fit", "evaluate"])],
 )
 def test_help_describes_every_command(module: str, commands: list[str]) -> None:
     out = subprocess.run(

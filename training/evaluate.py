@@ -1,0 +1,609 @@
+"""Labeled replay evaluation: train on each series' training part, replay its test part
+through the daemon's own pipeline, and score the alerts against the labels.
+
+    python -m training.evaluate --config eval/skab.toml [--out runs/eval/skab]
+
+What runs is what the daemon runs: `training.fit.fit_bundle` writes a bundle, which is
+loaded and verified with `streamer.bundle.load`, and `streamer.app.build_pipeline` builds the
+`Pipeline` that turns batches of `RawMessage` (JSON bytes) into alerts; only Kafka is left
+out. Each detector variant in the config gets its own pipeline per series (the threshold
+has state), on the same bundle. Baselines B1 and B2 (`training.baselines`) run on the same
+rows in the same run. The output directory gets `result.json`, `report.html` and the
+bundles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import logging
+import os
+import re
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+
+from streamer.config import (
+    AlertSettings,
+    KafkaSettings,
+    ModelSettings,
+    Settings,
+    ThresholdSettings,
+    TrainingSettings,
+)
+from streamer.features import FeatureSpec, build_features
+from streamer.records import Alert, RawMessage
+from streamer.smoothing import SmoothedThreshold, SmoothingSettings
+from training import nab
+from training.adapters import DataSettings, Series, load
+from training.baselines import BaselineSettings, b1, b2
+from training.datasets import History
+from training.quality import (
+    EventCounts,
+    PointCounts,
+    average_precision,
+    event_counts,
+    point_counts,
+    recall_at_rate,
+)
+
+log = logging.getLogger(__name__)
+
+
+class EvalConfigError(Exception):
+    """The eval config cannot be used; the message names the field."""
+
+
+class DetectorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One variant of our detector: the daemon's threshold, optionally smoothed and shaped."""
+
+    name: str
+    threshold: ThresholdSettings = msgspec.field(default_factory=ThresholdSettings)
+    smoothing: SmoothingSettings | None = None
+
+
+class ReplaySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    batch_size: int = 100  # events per Pipeline.process call; the threshold updates per batch
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("replay.batch_size must be >= 1")
+
+
+class MetricSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    nab: bool = False  # NAB score (needs windows or label runs; NAB's probation rule)
+    alert_rate: float | None = None  # also rank test rows by score: recall at this alert rate
+    # Groups that no setting was chosen on: their pooled point metrics are reported apart.
+    held_out_groups: list[str] = msgspec.field(default_factory=list)
+
+
+class ReportSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    max_series_plots: int = 12
+    top_alerts: int = 10
+
+
+class PublishedRow(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A number from the literature, shown next to ours (not measured here)."""
+
+    name: str
+    values: dict[str, float]
+    source: str = ""
+
+
+class EvalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    data: DataSettings
+    features: FeatureSpec
+    detectors: list[DetectorSettings]
+    description: str = ""
+    protocol: str = ""  # how settings were chosen, printed in the report
+    model_scope: Literal["series", "shared"] = "series"  # one model per series, or one for all
+    training: TrainingSettings = msgspec.field(default_factory=TrainingSettings)
+    baselines: BaselineSettings = msgspec.field(default_factory=BaselineSettings)
+    replay: ReplaySettings = msgspec.field(default_factory=ReplaySettings)
+    metrics: MetricSettings = msgspec.field(default_factory=MetricSettings)
+    report: ReportSettings = msgspec.field(default_factory=ReportSettings)
+    published: list[PublishedRow] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.detectors:
+            raise ValueError("at least one [[detectors]] entry is needed")
+        names = [d.name for d in self.detectors]
+        if len(set(names)) != len(names):
+            raise ValueError("detector names must be unique")
+
+
+def load_config(path: str | Path) -> EvalConfig:
+    """Read and validate an eval config; errors name the field (`$.data.split.train_rows`)."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise EvalConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise EvalConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return msgspec.convert(raw, EvalConfig)
+    except msgspec.ValidationError as exc:
+        raise EvalConfigError(f"{path}: {exc}") from exc
+
+
+# -- running -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One detector on one series; arrays hold one value per test row."""
+
+    scores: np.ndarray  # the score the detector judged (smoothed when it smooths); NaN: dropped
+    flags: np.ndarray
+    thresholds: np.ndarray  # NaN while the detector flags nothing (below min_samples)
+    raw_scores: np.ndarray | None = None  # the pipeline's own score when `scores` is smoothed
+    top_alerts: list[tuple[float, str, Alert]] = field(default_factory=list)
+    dead_letters: int = 0
+
+
+def event_fields(spec: FeatureSpec) -> list[str]:
+    """The event fields the spec decodes: all an event needs to carry."""
+    return list(spec.event_type().__struct_fields__)
+
+
+def features(spec: FeatureSpec, series: Series, start: int, stop: int) -> History:
+    """Rows [start, stop) through the daemon's decoder and feature code (bad rows skipped)."""
+    fields = event_fields(spec)
+    decoder = msgspec.json.Decoder(spec.event_type())
+    encode = msgspec.json.Encoder().encode
+    events, seconds, rejected = [], [], 0
+    for i, row in enumerate(series.event_rows(fields, start, stop), start):
+        try:
+            events.append(decoder.decode(encode(row)))
+            seconds.append(series.seconds[i])
+        except msgspec.DecodeError as exc:
+            if not rejected:
+                log.warning("%s row %d does not decode: %s", series.name, i, exc)
+            rejected += 1
+    x = build_features(spec, events)
+    ok = np.isfinite(x).all(axis=1)
+    return History(x[ok], np.asarray(seconds, dtype=np.float64)[ok], rejected + int((~ok).sum()))
+
+
+def replay(pipeline: Any, series: Series, fields: list[str], batch_size: int, top: int) -> Run:
+    """Feed the test rows to a Pipeline as JSON messages, batch by batch, as the daemon does."""
+    n0, m = series.n_train, series.n - series.n_train
+    run = Run(np.full(m, np.nan), np.zeros(m, dtype=bool), np.full(m, np.nan))
+    smoothed = isinstance(pipeline.threshold, SmoothedThreshold)
+    if smoothed:
+        run.raw_scores = np.full(m, np.nan)
+    encode = msgspec.json.Encoder().encode
+    topic = series.name
+    heap: list[tuple[float, int, Alert]] = []
+    for a in range(n0, series.n, batch_size):
+        b = min(series.n, a + batch_size)
+        messages = [
+            RawMessage(topic, 0, a + k, None, encode(row), int(series.seconds[a + k] * 1000))
+            for k, row in enumerate(series.event_rows(fields, a, b))
+        ]
+        result = pipeline.process(messages)
+        run.dead_letters += len(result.dead_letters)
+        dead = {d.message.offset for d in result.dead_letters}
+        kept = np.array([msg.offset - n0 for msg in messages if msg.offset not in dead], dtype=int)
+        if smoothed:
+            assert run.raw_scores is not None
+            run.raw_scores[kept] = result.scores
+            run.scores[kept] = pipeline.threshold.last_smoothed
+        else:
+            run.scores[kept] = result.scores
+        if np.isfinite(result.threshold):
+            run.thresholds[a - n0 : b - n0] = result.threshold
+        for alert in result.alerts:
+            run.flags[alert.source.offset - n0] = True
+            ratio = alert.score / alert.threshold if alert.threshold > 0 else float("inf")
+            item = (ratio, alert.source.offset, alert)
+            if len(heap) < top:
+                heapq.heappush(heap, item)
+            elif item[:2] > heap[0][:2]:
+                heapq.heapreplace(heap, item)
+    run.top_alerts = [(r, topic, al) for r, _, al in sorted(heap, key=lambda t: -t[0])]
+    return run
+
+
+def _settings(config: EvalConfig, detector: DetectorSettings, bundle_path: Path) -> Settings:
+    return Settings(
+        kafka=KafkaSettings(
+            input_topic="eval-events", alert_topic="eval-alerts", dead_letter_topic="eval-dlq"
+        ),
+        model=ModelSettings(bundle=str(bundle_path)),
+        features=config.features,
+        threshold=detector.threshold,
+        alerts=AlertSettings(top_features=3),
+        training=config.training,
+    )
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "series"
+
+
+def build_detector_pipeline(settings: Settings, bundle: Any, scorer: Any, smoothing: Any) -> Any:
+    """The daemon's pipeline; with `smoothing`, its threshold is swapped for SmoothedThreshold."""
+    from streamer.app import build_pipeline
+
+    pipeline = build_pipeline(settings, bundle, scorer)
+    if smoothing is not None:
+        t = settings.threshold
+        pipeline.threshold = SmoothedThreshold(
+            t.window_size, t.quantile, t.min_samples, bundle.warm_start, smoothing
+        )
+    return pipeline
+
+
+def evaluate(config: EvalConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train, replay, score. Returns (result for JSON, in-memory arrays for the report)."""
+    from streamer import bundle as bundles
+    from training.fit import fit_bundle
+
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t = time.monotonic()
+    series_list = load(config.data)
+    timings["load_seconds"] = time.monotonic() - t
+    spec = config.features
+    fields = event_fields(spec)
+    log.info("%s: %d series from %s", config.name, len(series_list), config.data.path)
+
+    # Features of every row once: training histories for our model and both baselines' input.
+    t = time.monotonic()
+    feats = [features(spec, s, 0, s.n) for s in series_list]
+    for s, h in zip(series_list, feats, strict=True):
+        if h.rejected:
+            raise ValueError(f"{s.name}: {h.rejected} row(s) do not decode with the feature spec")
+    timings["features_seconds"] = time.monotonic() - t
+
+    # Our model: a bundle per series, or one for all training parts.
+    t = time.monotonic()
+    bundle_of: dict[str, Any] = {}
+    groups = (
+        [(s.name, [i]) for i, s in enumerate(series_list)]
+        if config.model_scope == "series"
+        else [("shared", list(range(len(series_list))))]
+    )
+    for key, members in groups:
+        hist = History(
+            np.concatenate([feats[i].features[: series_list[i].n_train] for i in members]),
+            np.concatenate([feats[i].event_seconds[: series_list[i].n_train] for i in members]),
+            0,
+        )
+        registry = out_dir / "bundles" / _safe(key)
+        fitted = fit_bundle(spec, hist, config.training, registry, source=f"{config.name}:{key}")
+        loaded = bundles.load(registry, expected_spec=spec)  # verified, as the daemon does
+        scorer = loaded.load_scorer()
+        for i in members:
+            bundle_of[series_list[i].name] = (loaded, scorer)
+        log.info("bundle %s for %s (%d training rows)", fitted.version, key, len(hist.features))
+    timings["train_seconds"] = time.monotonic() - t
+
+    runs: dict[str, list[Run]] = {}
+    kinds: dict[str, str] = {}
+    t = time.monotonic()
+    for det in config.detectors:
+        runs[det.name], kinds[det.name] = [], "ours"
+        for s in series_list:
+            b, scorer = bundle_of[s.name]
+            settings = _settings(config, det, b.path)
+            pipeline = build_detector_pipeline(settings, b, scorer, det.smoothing)
+            runs[det.name].append(
+                replay(pipeline, s, fields, config.replay.batch_size, config.report.top_alerts)
+            )
+        log.info("replayed %s over %d series", det.name, len(series_list))
+    timings["replay_seconds"] = time.monotonic() - t
+
+    t = time.monotonic()
+    bspec = config.baselines.features
+    bfeats = feats if bspec is None else [features(bspec, s, 0, s.n) for s in series_list]
+    _baselines(config, series_list, bfeats, runs, kinds)
+    timings["baseline_seconds"] = time.monotonic() - t
+
+    detectors = {
+        name: summarize(config, series_list, rs) | {"kind": kinds[name]}
+        for name, rs in runs.items()
+    }
+    for name, det in zip([d.name for d in config.detectors], config.detectors, strict=True):
+        detectors[name]["settings"] = msgspec.to_builtins(det)
+    timings["total_seconds"] = time.monotonic() - started
+    top = sorted(
+        (a for r in runs[config.detectors[0].name] for a in r.top_alerts), key=lambda x: -x[0]
+    )[: config.report.top_alerts]
+    result = {
+        "name": config.name,
+        "description": config.description,
+        "protocol": config.protocol,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": msgspec.to_builtins(config),
+        "data": _data_summary(series_list),
+        "detectors": detectors,
+        "top_alerts": [
+            {"series": sname, "ratio": ratio} | msgspec.to_builtins(alert)
+            for ratio, sname, alert in top
+        ],
+        "published": msgspec.to_builtins(config.published),
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
+    return result, {"series": series_list, "runs": runs}
+
+
+def _baselines(
+    config: EvalConfig,
+    series_list: list[Series],
+    feats: list[History],
+    runs: dict[str, list[Run]],
+    kinds: dict[str, str],
+) -> None:
+    bs = config.baselines
+    if bs.b1:
+        name = f"B1 p{bs.b1_quantile * 100:g}"
+        runs[name], kinds[name] = [], "baseline"
+        if config.model_scope == "shared":
+            x_train = np.concatenate(
+                [h.features[: s.n_train] for s, h in zip(series_list, feats, strict=True)]
+            )
+            x_test = np.concatenate(
+                [h.features[s.n_train :] for s, h in zip(series_list, feats, strict=True)]
+            )
+            res = b1(x_train, x_test, config.training, bs)
+            offsets = np.cumsum([0] + [s.n - s.n_train for s in series_list])
+            for k in range(len(series_list)):
+                a, z = offsets[k], offsets[k + 1]
+                runs[name].append(
+                    Run(res.scores[a:z], res.flags[a:z], np.full(z - a, res.threshold))
+                )
+        else:
+            for s, h in zip(series_list, feats, strict=True):
+                res = b1(h.features[: s.n_train], h.features[s.n_train :], config.training, bs)
+                runs[name].append(
+                    Run(res.scores, res.flags, np.full(res.scores.size, res.threshold))
+                )
+        log.info("baseline %s done", name)
+    if bs.b2:
+        name = f"B2 z>{bs.b2_z:g}"
+        runs[name], kinds[name] = [], "baseline"
+        for s, h in zip(series_list, feats, strict=True):
+            res = b2(h.features, s.n_train, bs)
+            runs[name].append(Run(res.scores, res.flags, np.full(res.scores.size, res.threshold)))
+    if bs.all_rows:
+        name = "alert on every row"
+        runs[name], kinds[name] = [], "reference"
+        for s in series_list:
+            m = s.n - s.n_train
+            runs[name].append(Run(np.ones(m), np.ones(m, dtype=bool), np.zeros(m)))
+
+
+def _data_summary(series_list: list[Series]) -> dict[str, Any]:
+    test_rows = sum(s.n - s.n_train for s in series_list)
+    anomalous = sum(int(s.labels[s.n_train :].sum()) for s in series_list)
+    return {
+        "series": len(series_list),
+        "rows": sum(s.n for s in series_list),
+        "train_rows": sum(s.n_train for s in series_list),
+        "test_rows": test_rows,
+        "anomalous_test_rows": anomalous,
+        "anomalous_test_share": anomalous / test_rows if test_rows else 0.0,
+        "anomalous_train_rows": sum(int(s.labels[: s.n_train].sum()) for s in series_list),
+    }
+
+
+# -- scoring -----------------------------------------------------------------------------------
+
+
+def windows_in_test(s: Series) -> list[tuple[int, int]] | None:
+    """Labeled windows that reach into the test part, as test-row spans (None: label runs)."""
+    if s.windows is None:
+        return None
+    out = []
+    for left, right in s.windows:
+        if right >= s.n_train:
+            out.append((max(left, s.n_train) - s.n_train, right - s.n_train))
+    return out
+
+
+def summarize(config: EvalConfig, series_list: list[Series], rs: list[Run]) -> dict[str, Any]:
+    """Point, event, NAB and rate metrics pooled over all series, plus per series and group."""
+    point, events = PointCounts(), EventCounts()
+    groups: dict[str, PointCounts] = {}
+    per_series = []
+    nab_raw = dict.fromkeys((p.name for p in nab.PROFILES), 0.0)
+    nab_windows = 0
+    nab_counts = {"tp": 0, "fp": 0, "fn": 0}
+    alerts, test_seconds = 0, 0.0
+    for s, r in zip(series_list, rs, strict=True):
+        y = s.labels[s.n_train :]
+        sec = s.seconds[s.n_train :]
+        pc = point_counts(y, r.flags)
+        ec = event_counts(y, r.flags, sec, windows_in_test(s))
+        point, events = point + pc, events + ec
+        groups[s.group] = groups.get(s.group, PointCounts()) + pc
+        alerts += int(r.flags.sum())
+        if sec.size > 1:
+            test_seconds += float(sec[-1] - sec[0])
+        row: dict[str, Any] = {
+            "series": s.name,
+            "group": s.group,
+            "test_rows": int(y.size),
+            "anomalous": int(y.sum()),
+            "alerts": int(r.flags.sum()),
+            "precision": pc.precision,
+            "recall": pc.recall,
+            "f1": pc.f1,
+            "far": pc.far,
+            "events": ec.events,
+            "events_detected": ec.detected,
+            "event_precision": ec.precision,
+            "event_f1": ec.f1,
+        }
+        if config.metrics.nab:
+            flags_full = np.zeros(s.n, dtype=bool)
+            flags_full[s.n_train :] = r.flags
+            windows = [nab.Window(a, b) for a, b in (s.windows or _label_runs(s.labels))]
+            for p in nab.PROFILES:
+                fs = nab.score_file(flags_full, windows, p)
+                nab_raw[p.name] += fs.raw
+                if p is nab.STANDARD:
+                    nab_windows += fs.windows
+                    nab_counts["tp"] += fs.true_positives
+                    nab_counts["fp"] += fs.false_positives
+                    nab_counts["fn"] += fs.false_negatives
+                    row["nab_raw_standard"] = fs.raw
+        per_series.append(row)
+    out: dict[str, Any] = {
+        "point": point.summary(),
+        "event": events.summary(),
+        "alerts": alerts,
+        "test_days": test_seconds / 86400.0,
+        "alerts_per_day": alerts / (test_seconds / 86400.0) if test_seconds else None,
+        "dead_letters": sum(r.dead_letters for r in rs),
+        "groups": {g: c.summary() for g, c in sorted(groups.items())},
+        "series": per_series,
+    }
+    if config.metrics.held_out_groups:
+        held = PointCounts()
+        for g in config.metrics.held_out_groups:
+            held = held + groups.get(g, PointCounts())
+        out["held_out"] = {"groups": config.metrics.held_out_groups} | held.summary()
+    if config.metrics.nab:
+        out["nab"] = (
+            {p.name: nab.normalised(nab_raw[p.name], nab_windows, p) for p in nab.PROFILES}
+            | {"windows": nab_windows, "raw": nab_raw}
+            | nab_counts
+        )
+    if config.metrics.alert_rate is not None:
+        y = np.concatenate([s.labels[s.n_train :] for s in series_list])
+        sc = np.concatenate([r.scores for r in rs])
+        sc = np.where(np.isfinite(sc), sc, -np.inf)
+        classes = None
+        if all(s.classes is not None for s in series_list):
+            classes = np.concatenate([s.classes[s.n_train :] for s in series_list])  # type: ignore[index]
+        out["rate"] = {
+            "alert_rate": config.metrics.alert_rate,
+            "average_precision": average_precision(y, sc),
+        } | recall_at_rate(y, sc, config.metrics.alert_rate, classes)
+        if classes is not None:
+            for c in sorted(set(classes[y.astype(bool)].tolist())):
+                member = classes == c
+                # Events of one class in the detector's own alerts (not rank-based).
+                out["rate"][f"alert_recall_class_{c}"] = float(
+                    np.concatenate([r.flags for r in rs])[member & y.astype(bool)].mean()
+                )
+    return out
+
+
+def _label_runs(labels: np.ndarray) -> list[tuple[int, int]]:
+    from training.quality import runs
+
+    return runs(labels.astype(bool))
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="training evaluate",
+        description="Train on a labeled data set's training part, replay its test part "
+        "through the daemon's pipeline, and write result.json and report.html.",
+    )
+    parser.add_argument("--config", required=True, type=Path, help="eval config (TOML)")
+    parser.add_argument("--out", type=Path, help="output directory (default runs/eval/<name>)")
+    parser.add_argument("--data", help="override data.path (where the data set is)")
+    parser.add_argument("--max-series", type=int, help="first N series only (a quick look)")
+    parser.add_argument("--no-report", action="store_true", help="write result.json only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        config = load_config(args.config)
+    except EvalConfigError as exc:
+        print(f"training.evaluate: config error: {exc}", file=sys.stderr)
+        return 2
+    data_changes: dict[str, Any] = {}
+    if args.data:
+        data_changes["path"] = args.data
+    if args.max_series:
+        data_changes["max_series"] = args.max_series
+    if data_changes:
+        config = msgspec.structs.replace(
+            config, data=msgspec.structs.replace(config.data, **data_changes)
+        )
+    out_dir = args.out or Path("runs") / "eval" / config.name
+    try:
+        result, arrays = evaluate(config, out_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"training.evaluate: {exc}", file=sys.stderr)
+        return 2
+    (out_dir / "result.json").write_bytes(msgspec.json.format(msgspec.json.encode(result)))
+    save_arrays(arrays, out_dir / "series.npz")
+    if not args.no_report:
+        from training.report import write_report
+
+        write_report(result, arrays, config, out_dir / "report.html")
+    print(headline(result))
+    print(f"wrote {out_dir / 'result.json'}" + ("" if args.no_report else " and report.html"))
+    return 0
+
+
+def save_arrays(arrays: dict[str, Any], path: Path) -> None:
+    """Per-row labels, scores, thresholds and alerts of every detector, for later analysis."""
+    out: dict[str, np.ndarray] = {}
+    for k, s in enumerate(arrays["series"]):
+        out[f"{k}/labels"] = s.labels[s.n_train :]
+        out[f"{k}/seconds"] = s.seconds[s.n_train :]
+        for d, rs in enumerate(arrays["runs"].values()):
+            r = rs[k]
+            out[f"{k}/{d}/scores"] = r.scores
+            out[f"{k}/{d}/flags"] = r.flags
+            out[f"{k}/{d}/thresholds"] = r.thresholds
+            if r.raw_scores is not None:
+                out[f"{k}/{d}/raw_scores"] = r.raw_scores
+    names = np.array([s.name for s in arrays["series"]])
+    detectors = np.array(list(arrays["runs"]))
+    out["series"], out["detectors"] = names, detectors
+    np.savez_compressed(path, **out)  # type: ignore[arg-type]
+
+
+def headline(result: dict[str, Any]) -> str:
+    """One line per detector: the numbers a reader looks for first."""
+    lines = [f"{result['name']}: {result['data']['test_rows']} test rows, "
+             f"{result['data']['anomalous_test_share']:.1%} anomalous"]  # fmt: skip
+    for name, d in result["detectors"].items():
+        p, e = d["point"], d["event"]
+        text = (
+            f"  {name:28s} P {p['precision']:.3f} R {p['recall']:.3f} F1 {p['f1']:.3f} "
+            f"FAR {100 * p['far']:.2f}% MAR {100 * p['mar']:.2f}% | events {e['detected']}/"
+            f"{e['events']} event-P {e['precision']:.3f}"
+        )
+        if "nab" in d:
+            n = d["nab"]
+            text += (
+                f" | NAB {n['standard']:.1f} / {n['reward_low_FP_rate']:.1f} / "
+                f"{n['reward_low_FN_rate']:.1f}"
+            )
+        if "held_out" in d:
+            h = d["held_out"]
+            text += f" | held-out F1 {h['f1']:.3f} FAR {100 * h['far']:.2f}%"
+        if "rate" in d:
+            r = d["rate"]
+            text += f" | AP {r['average_precision']:.3f} R@{r['alert_rate']:g} {r['recall']:.3f}"
+        lines.append(text)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
