@@ -102,14 +102,15 @@ class Detector:
         s = self.settings
         started = time.monotonic()
         bundle = bundles.load(Path(s.model.bundle), expected_spec=s.spec)
-        scorer = bundle.load_scorer()
+        scorer = bundle.load_scorer(s.model.runtime)
         # Trace the model's graph now, so the first batch does not pay for it after /readyz.
         scorer.reconstruct(np.zeros((1, len(bundle.spec.feature_names())), dtype=np.float32))
         self._pipeline = build_pipeline(s, bundle, scorer)
         self.metrics.model_info.labels(bundle.version, bundle.kind).set(1)
         log.info(
-            "model bundle %s (%s, %d features) from %s",
-            bundle.version, bundle.kind, len(bundle.spec.feature_names()), bundle.path,
+            "model bundle %s (%s, %d features, %s runtime) from %s",
+            bundle.version, bundle.kind, len(bundle.spec.feature_names()), s.model.runtime,
+            bundle.path,
         )  # fmt: skip
         # Health and metrics first, so an orchestrator sees a live, not-ready process while
         # Kafka is away.

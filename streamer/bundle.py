@@ -3,6 +3,7 @@
 A bundle is a directory:
 
     model.keras          the Keras autoencoder (loaded with safe_mode, never pickle)
+    dense_weights.npz    the same model's weights as plain arrays, for the numpy runtime
     scaler.json          StandardScaler fitted on the training features
     feature_spec.json    the FeatureSpec the model was trained with
     threshold.json       held-out reconstruction errors: the threshold's warm start
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,9 @@ SCALER_FILE = "scaler.json"
 SPEC_FILE = "feature_spec.json"
 THRESHOLD_FILE = "threshold.json"
 MANIFEST_FILE = "manifest.json"
+DENSE_WEIGHTS_FILE = "dense_weights.npz"
 CONTENT_FILES = (MODEL_FILE, SCALER_FILE, SPEC_FILE, THRESHOLD_FILE)
+OPTIONAL_FILES = (DENSE_WEIGHTS_FILE,)  # hashed and verified when the manifest lists them
 CURRENT_FILE = "current"
 
 
@@ -72,13 +76,26 @@ class Bundle:
     def kind(self) -> str:
         return self.manifest.model_kind
 
-    def load_scorer(self) -> Any:
-        from streamer.scoring import KerasScorer
+    def load_scorer(self, runtime: str = "numpy") -> Any:
+        """The scorer for `runtime`: "numpy" (no TensorFlow import) or "tensorflow"."""
+        loader: Callable[[Path], Any]
+        if runtime == "numpy":
+            from streamer.lean import NumpyDenseScorer
 
+            if DENSE_WEIGHTS_FILE not in self.manifest.files:
+                raise BundleError(
+                    f'{self.path}: model.runtime = "numpy" needs {DENSE_WEIGHTS_FILE}, which '
+                    'this bundle lacks; retrain it, or set model.runtime = "tensorflow"'
+                )
+            loader, file = NumpyDenseScorer.load, self.path / DENSE_WEIGHTS_FILE
+        else:
+            from streamer.scoring import KerasScorer
+
+            loader, file = (lambda p: KerasScorer.load(p, self.kind)), self.path / MODEL_FILE
         try:
-            scorer = KerasScorer.load(self.path / MODEL_FILE, self.kind)
-        except Exception as exc:  # Keras raises many types for one bad file
-            raise BundleError(f"{self.path / MODEL_FILE}: cannot load model: {exc}") from exc
+            scorer = loader(file)
+        except Exception as exc:  # Keras and numpy raise many types for one bad file
+            raise BundleError(f"{file}: cannot load model: {exc}") from exc
         if scorer.n_features != len(self.spec.feature_names()):
             raise BundleError(
                 f"{MODEL_FILE}: model takes {scorer.n_features} features, "
@@ -140,6 +157,11 @@ def load(path: Path, expected_spec: FeatureSpec | None = None) -> Bundle:
             raise BundleError(f"{MANIFEST_FILE}: files.{name} has no hash")
         if sha256_file(file) != want:
             raise BundleError(f"{file}: sha256 does not match the manifest (corrupt or tampered)")
+    for name in manifest.files:
+        if name not in CONTENT_FILES + OPTIONAL_FILES:
+            raise BundleError(f"{MANIFEST_FILE}: files.{name} is not a bundle file")
+        if name in OPTIONAL_FILES and sha256_file(root / name) != manifest.files[name]:
+            raise BundleError(f"{root / name}: sha256 does not match the manifest")
     if content_version(manifest.files) != manifest.version:
         raise BundleError(f"{MANIFEST_FILE}: version does not match the file hashes")
 
@@ -180,7 +202,8 @@ def spec_difference(a: FeatureSpec, b: FeatureSpec) -> str:
 
 def write_manifest(root: Path, **fields: Any) -> Manifest:
     """Hash the content files in `root` and write the manifest; returns it."""
-    files = {name: sha256_file(root / name) for name in CONTENT_FILES}
+    present = CONTENT_FILES + tuple(n for n in OPTIONAL_FILES if (root / n).is_file())
+    files = {name: sha256_file(root / name) for name in present}
     manifest = Manifest(
         format_version=FORMAT_VERSION, version=content_version(files), files=files, **fields
     )

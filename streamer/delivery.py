@@ -29,6 +29,7 @@ from streamer.pipeline import BatchResult
 
 log = logging.getLogger(__name__)
 Offsets = dict[TopicPartition, OffsetAndMetadata]
+STAGES = ("produce", "commit")  # what deliver() times, after the pipeline's own stages
 
 
 class DeliveryError(Exception):

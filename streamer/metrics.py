@@ -15,9 +15,11 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from streamer import delivery, pipeline
 from streamer.pipeline import BatchResult
 
 SCORE_QUANTILES = (0.5, 0.9, 0.99, 0.999)
+STAGE_NAMES = (*pipeline.STAGES, *delivery.STAGES)
 REJECT_REASONS = (
     "empty", "too_large", "invalid_utf8", "invalid_json", "schema", "out_of_range", "non_finite",
 )  # fmt: skip
@@ -56,6 +58,8 @@ class Metrics:
             buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
             registry=registry,
         )
+        for stage in STAGE_NAMES:
+            self.batch_seconds.labels(stage)  # every stage exported from the start
         self.threshold = Gauge(
             "anomaly_threshold", "Current rolling-percentile threshold", registry=registry
         )

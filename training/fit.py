@@ -16,6 +16,7 @@ import numpy as np
 from streamer import bundle as bundles
 from streamer.config import TrainingSettings
 from streamer.features import FeatureSpec
+from streamer.lean import NumpyDenseScorer
 from streamer.scaler import StandardScaler
 from streamer.scoring import reconstruction_errors
 from training.datasets import History
@@ -77,6 +78,7 @@ def fit_bundle(
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry))
     try:
         model.save(staging / bundles.MODEL_FILE)
+        NumpyDenseScorer.save_from_keras(model, staging / bundles.DENSE_WEIGHTS_FILE)
         (staging / bundles.SCALER_FILE).write_bytes(scaler.to_json())
         (staging / bundles.SPEC_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(spec)))
         warm = bundles.WarmStart(errors=val_scores.tolist(), quantiles=quantiles)

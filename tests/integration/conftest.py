@@ -136,6 +136,7 @@ def write_config(
     wait_seconds: float = 0.1,
     kafka_extra: str = "",
     extra: str = "",
+    runtime: str = "numpy",
 ) -> int:
     """A daemon config for one test; returns the metrics port it was given."""
     port = free_port()
@@ -151,6 +152,7 @@ group_id = "{topics.group}"
 {kafka_extra}
 [model]
 bundle = "{registry}"
+runtime = "{runtime}"
 [batch]
 max_batch_size = {batch_size}
 max_wait_seconds = {wait_seconds}

@@ -40,10 +40,11 @@ def orders(count: int, seed: int, rate: float) -> tuple[list[bytes], list[bytes]
     return values, keys, anomalies
 
 
+@pytest.mark.parametrize("runtime", ["numpy", "tensorflow"])
 def test_detects_anomalies_publishes_alerts_and_counts(
-    kafka_bootstrap: str, topics: Topics, start_daemon: Callable[..., Daemon]
+    runtime: str, kafka_bootstrap: str, topics: Topics, start_daemon: Callable[..., Daemon]
 ) -> None:
-    daemon = start_daemon()
+    daemon = start_daemon(runtime=runtime)
     daemon.wait_ready()
     values, keys, anomalies = orders(20_000, seed=21, rate=0.01)
     assert 150 <= len(anomalies) <= 250
