@@ -24,12 +24,11 @@ from streamer import bundle as bundles
 from streamer import kafka_io
 from streamer.config import Settings
 from streamer.delivery import (
-    AtLeastOnce,
-    Delivery,
     DeliveryError,
-    ExactlyOnce,
     FatalDeliveryError,
+    Outbox,
     Rebalanced,
+    make_outbox,
 )
 from streamer.kafka_io import StartupError
 from streamer.metrics import REJECT_REASONS, Heartbeat, Metrics, StatusServer
@@ -87,7 +86,7 @@ class Detector:
         self._broker_ok = False
         self._buffer: list[RawMessage] = []
         self._consumer: KafkaConsumer | None = None
-        self._delivery: Delivery | None = None
+        self._outbox: Outbox | None = None
         self._server: StatusServer | None = None
         self._pipeline: Pipeline | None = None
         self._backoff = Backoff(settings.kafka.retry_backoff_max_seconds)
@@ -136,13 +135,10 @@ class Detector:
                 kafka_io.prepare_topics(k)
                 if self._consumer is None:
                     consumer = kafka_io.make_consumer(k)
-                    self._delivery = (
-                        ExactlyOnce(k, consumer) if k.delivery == "exactly-once"
-                        else AtLeastOnce(k, consumer)
-                    )  # fmt: skip
+                    self._outbox = make_outbox(k, consumer)
                     self._consumer = consumer
-                assert self._delivery is not None
-                self._delivery.prepare()
+                assert self._outbox is not None
+                self._outbox.transport.prepare()
                 self._consumer.subscribe([k.input_topic], listener=_Rebalance(self))
                 self._backoff.reset()
                 return
@@ -199,13 +195,16 @@ class Detector:
                 now = time.monotonic()
                 if self._buffer and (len(self._buffer) >= batch.max_batch_size or now >= deadline):
                     self.flush_batch()
+                elif self._outbox is not None and self._outbox.commit_due():
+                    self.commit()  # a quiet stream still commits what it has scored
                 if now >= next_check:
                     self._check(consumer, polled_any=bool(polled))
                     next_check = now + CHECK_SECONDS
                 if now >= next_status:
                     self._log_status()
                     next_status = now + STATUS_LOG_SECONDS
-            self.flush_batch(grace_seconds=self.settings.kafka.shutdown_grace_seconds)
+            grace = self.settings.kafka.shutdown_grace_seconds
+            self.flush_batch(commit=True, grace_seconds=grace)
         finally:
             self._set_ready(False)
             self.close()
@@ -214,9 +213,9 @@ class Detector:
         if self._consumer is not None:
             self._consumer.close(autocommit=False)
             self._consumer = None
-        if self._delivery is not None:
-            self._delivery.close()
-            self._delivery = None
+        if self._outbox is not None:
+            self._outbox.transport.close()
+            self._outbox = None
         if self._server is not None:
             self._server.stop()
             self._server = None
@@ -225,37 +224,60 @@ class Detector:
 
     # -- one batch -------------------------------------------------------------------------
 
-    def flush_batch(self, grace_seconds: float | None = None) -> BatchResult | None:
-        """Score the buffered messages, then deliver them (publish + commit), retrying.
+    def flush_batch(
+        self, commit: bool = False, grace_seconds: float | None = None
+    ) -> BatchResult | None:
+        """Score the buffered messages and send their records; commit when due (or asked).
 
-        The same scored batch is retried until it is delivered, the group moves its
-        partitions elsewhere, or (shutting down) the grace period ends.
+        A failed send or commit is retried, with everything pending since the last commit,
+        until it gets through, the group moves the partitions elsewhere, or (shutting down)
+        the grace period ends.
         """
-        if not self._buffer:
-            return None
-        assert self._delivery is not None and self._pipeline is not None
-        messages, self._buffer = self._buffer, []
-        result = self._pipeline.process(messages)
-        offsets = kafka_io.next_offsets(messages)
+        assert self._outbox is not None and self._pipeline is not None
+        result = None
+        if self._buffer:
+            messages, self._buffer = self._buffer, []
+            result = self._pipeline.process(messages)
+            self.metrics.record_batch(result)
+            try:
+                self._outbox.add(result, kafka_io.next_offsets(messages))
+            except Rebalanced as exc:
+                self._rebalanced(exc)
+                return result
+            except DeliveryError:
+                commit = True  # the retry loop below resends what did not go out
+        if commit or self._outbox.commit_due():
+            self.commit(grace_seconds)
+        return result
+
+    def commit(self, grace_seconds: float | None = None) -> None:
+        """Make every batch sent since the last commit durable, retrying with back-off."""
+        assert self._outbox is not None
         give_up = None if grace_seconds is None else time.monotonic() + grace_seconds
         while True:
             try:
-                stages = self._delivery.deliver(result, offsets)
+                stages = self._outbox.commit()
             except Rebalanced as exc:
-                log.warning("group rebalanced before the commit; the new owner replays: %s", exc)
-                self.metrics.delivery_failures.labels("rebalanced").inc()
-                return result
+                self._rebalanced(exc)
+                return
             except DeliveryError as exc:
                 self.metrics.delivery_failures.labels("retried").inc()
                 if give_up is not None and time.monotonic() >= give_up:
-                    raise FatalDeliveryError(f"batch not delivered before shutdown: {exc}") from exc
-                self._wait_after_failure(f"batch of {len(messages)} not delivered: {exc}")
+                    raise FatalDeliveryError(f"not delivered before shutdown: {exc}") from exc
+                self._wait_after_failure(
+                    f"{self._outbox.pending_batches} batch(es) not delivered: {exc}"
+                )
                 continue
             break
         self._backoff.reset()
         self._broker_ok = True
-        self.metrics.record_batch(result, stages)
-        return result
+        self.metrics.record_stages(stages)
+
+    def _rebalanced(self, exc: Exception) -> None:
+        assert self._outbox is not None
+        log.warning("group rebalanced before the commit; the new owner replays: %s", exc)
+        self.metrics.delivery_failures.labels("rebalanced").inc()
+        self._outbox.drop()
 
     def _wait_after_failure(self, why: str) -> None:
         self._set_ready(False)
@@ -312,13 +334,13 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_revoked(self, revoked: Any) -> None:
         if self.detector._buffer:
             log.info("partitions revoked: finishing a batch of %d", len(self.detector._buffer))
-            # Bounded: the group waits for this callback, and the new owner replays anything
-            # not committed by then.
-            try:
-                grace = self.detector.settings.kafka.delivery_timeout_seconds
-                self.detector.flush_batch(grace_seconds=grace)
-            except FatalDeliveryError as exc:
-                log.warning("batch in hand not delivered before the rebalance: %s", exc)
+        # Bounded: the group waits for this callback, and the new owner replays anything
+        # not committed by then.
+        try:
+            grace = self.detector.settings.kafka.delivery_timeout_seconds
+            self.detector.flush_batch(commit=True, grace_seconds=grace)
+        except FatalDeliveryError as exc:
+            log.warning("batches in hand not delivered before the rebalance: %s", exc)
         self.detector.metrics.forget_partitions([(tp.topic, tp.partition) for tp in revoked])
 
     def on_partitions_assigned(self, assigned: Any) -> None:

@@ -64,6 +64,10 @@ class KafkaSettings(_Section, frozen=True):
     # exactly-once: the broker aborts a transaction left open this long (by a dead replica
     # whose successor has another transactional id); read_committed readers wait until then.
     transaction_timeout_ms: int = 60_000
+    # Flush and commit at most this often (and before a rebalance or shutdown): each commit
+    # costs a broker round trip. Uncommitted batches are replayed after a crash; in
+    # exactly-once mode alerts become visible to read_committed readers at the commit.
+    commit_interval_seconds: float = 0.5
     delivery_timeout_seconds: float = 30.0  # one try at getting a batch out
     retry_backoff_max_seconds: float = 5.0  # back-off ceiling while Kafka is unreachable
     # kafka-python's own reconnect back-off ceiling (its default, 30 s, would leave the
@@ -91,6 +95,8 @@ class KafkaSettings(_Section, frozen=True):
             raise ValueError("kafka.sasl_plain_username and sasl_plain_password are required")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("kafka.ssl_certfile and kafka.ssl_keyfile go together")
+        if self.commit_interval_seconds < 0:
+            raise ValueError("kafka.commit_interval_seconds must be >= 0")
         if self.delivery_timeout_seconds <= 0 or self.retry_backoff_max_seconds <= 0:
             raise ValueError("kafka.delivery_timeout_seconds and retry_backoff_max_seconds > 0")
         if len({self.input_topic, self.alert_topic, self.dead_letter_topic}) != 3:

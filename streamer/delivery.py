@@ -1,14 +1,17 @@
-"""How a scored batch leaves the daemon: alerts and dead letters out, offsets committed.
+"""How scored batches leave the daemon: alerts and dead letters out, offsets committed.
 
 Two guarantees, chosen by `kafka.delivery`:
 
-- `at-least-once` (default): produce, flush, check every send, then commit the offsets.
-  A crash in between replays the batch; replayed alerts carry the same `alert_id`.
-- `exactly-once`: the batch's alerts, dead letters and offsets go in one Kafka transaction.
+- `at-least-once` (default): records are produced as each batch is scored; at a commit the
+  producer is flushed, every send checked, then the offsets committed. A crash in between
+  replays the uncommitted batches; replayed alerts carry the same `alert_id`.
+- `exactly-once`: the records and offsets between two commits form one Kafka transaction.
   Subscribers reading with `isolation_level=read_committed` see each alert once.
 
-Either way a failed delivery raises `DeliveryError`; the caller retries the same batch after
-a back-off, so a broker outage delays a batch but never drops or reorders it.
+A commit is due every `kafka.commit_interval_seconds` (and before a rebalance or shutdown):
+flushing and committing cost a broker round trip each, which per 1,000-event batch took more
+time than all the scoring. Until the commit, the outbox keeps the batches' records so that a
+failed flush or transaction can be sent again as a whole.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import msgspec
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -29,37 +32,41 @@ from streamer.pipeline import BatchResult
 
 log = logging.getLogger(__name__)
 Offsets = dict[TopicPartition, OffsetAndMetadata]
-STAGES = ("produce", "commit")  # what deliver() times, after the pipeline's own stages
+Record = tuple[str, Any, bytes, Any]  # topic, key, value, headers
+STAGES = ("produce", "commit")  # what the outbox times, after the pipeline's own stages
 
 
 class DeliveryError(Exception):
-    """The batch did not get out; retry it (the broker may be away)."""
+    """Records or offsets did not get out; send everything pending again and retry."""
 
 
 class Rebalanced(Exception):
-    """The group moved on while the batch was in flight; the new owner replays it."""
+    """The group moved on before the commit; the partitions' new owner replays the batches."""
 
 
 class FatalDeliveryError(Exception):
     """Retrying cannot help (for example, another instance took this transactional id)."""
 
 
-class Delivery(Protocol):
-    def prepare(self) -> None:
-        """Get ready to deliver, before the first poll; raise DeliveryError to retry."""
+class Transport(Protocol):
+    """One delivery guarantee: how records are sent and how a commit is made."""
+
+    def prepare(self) -> None: ...
+    def begin(self) -> None: ...
+    def send(self, records: list[Record]) -> None: ...
+    def commit(self, offsets: Offsets) -> float:
+        """Make everything sent since begin() durable with the offsets; return the seconds
+        spent waiting for produced records (the rest is the commit itself)."""
         ...
 
-    def deliver(self, result: BatchResult, offsets: Offsets) -> dict[str, float]:
-        """Publish and commit one batch; return seconds spent per stage (produce, commit)."""
-        ...
-
+    def abort(self) -> None: ...
     def close(self) -> None: ...
 
 
-def _records(result: BatchResult, k: KafkaSettings) -> list[tuple[str, Any, bytes, Any]]:
-    """(topic, key, value, headers) for every alert and dead letter of a batch."""
+def records_of(result: BatchResult, k: KafkaSettings) -> list[Record]:
+    """Every alert and dead letter of a batch, as records for the producer."""
     encode = msgspec.json.encode
-    out: list[tuple[str, Any, bytes, Any]] = [
+    out: list[Record] = [
         (k.alert_topic, str(a.entity).encode(), encode(a), None) for a in result.alerts
     ]
     out += [
@@ -70,43 +77,129 @@ def _records(result: BatchResult, k: KafkaSettings) -> list[tuple[str, Any, byte
     return out
 
 
+class Outbox:
+    """Batches scored since the last commit: their records and their offsets."""
+
+    def __init__(self, transport: Transport, kafka: KafkaSettings) -> None:
+        self.transport = transport
+        self.kafka = kafka
+        self._records: list[Record] = []
+        self._offsets: Offsets = {}
+        self._open = False
+        self._broken = False  # a send failed part-way: resend everything before committing
+        self._batches = 0
+        self.last_commit = time.monotonic()
+
+    @property
+    def pending_batches(self) -> int:
+        return self._batches
+
+    def commit_due(self) -> bool:
+        return bool(self._batches) and (
+            time.monotonic() - self.last_commit >= self.kafka.commit_interval_seconds
+        )
+
+    def add(self, result: BatchResult, offsets: Offsets) -> float:
+        """Send a batch's records now; its offsets wait for the next commit."""
+        t0 = time.perf_counter()
+        records = records_of(result, self.kafka)
+        self._records += records
+        for tp, om in offsets.items():
+            held = self._offsets.get(tp)
+            if held is None or om.offset > held.offset:
+                self._offsets[tp] = om
+        self._batches += 1
+        try:
+            if not self._open:
+                self.transport.begin()
+                self._open = True
+            self.transport.send(records)
+        except DeliveryError:
+            self._broken = True
+            raise
+        return time.perf_counter() - t0
+
+    def commit(self) -> dict[str, float]:
+        """Make the pending batches durable; raises DeliveryError, Rebalanced or Fatal."""
+        if not self._batches:
+            return {}
+        if self._broken:
+            self.resend()
+        t0 = time.perf_counter()
+        waited = self.transport.commit(self._offsets)
+        self._clear()
+        return {"produce": waited, "commit": time.perf_counter() - t0 - waited}
+
+    def resend(self) -> None:
+        """After a failed commit: start over and send every pending record again."""
+        self._broken = True
+        self.transport.abort()
+        self._open = False
+        self.transport.begin()
+        self._open = True
+        self.transport.send(self._records)
+        self._broken = False
+
+    def drop(self) -> None:
+        """After a rebalance: the new owner of the partitions replays these batches."""
+        self.transport.abort()
+        self._clear()
+
+    def _clear(self) -> None:
+        self._records, self._offsets, self._batches = [], {}, 0
+        self._open = self._broken = False
+        self.last_commit = time.monotonic()
+
+
 class AtLeastOnce:
     def __init__(self, kafka: KafkaSettings, consumer: KafkaConsumer) -> None:
         self.kafka = kafka
         self.consumer = consumer
         self.producer = kafka_io.make_producer(kafka)
+        self._futures: list[Any] = []
 
     def prepare(self) -> None:
         pass  # the producer connects lazily; nothing must happen before the first poll
 
-    def deliver(self, result: BatchResult, offsets: Offsets) -> dict[str, float]:
-        t0 = time.perf_counter()
+    def begin(self) -> None:
+        self._futures = []
+
+    def send(self, records: list[Record]) -> None:
         send = self.producer.send
-        futures = [
-            send(t, key=k, value=v, headers=h) for t, k, v, h in _records(result, self.kafka)
-        ]
+        try:
+            self._futures += [send(t, key=k, value=v, headers=h) for t, k, v, h in records]
+        except KafkaError as exc:  # metadata or buffer space not available in time
+            raise DeliveryError(f"send: {exc}") from exc
+
+    def commit(self, offsets: Offsets) -> float:
+        t0 = time.perf_counter()
         try:
             self.producer.flush(timeout=self.kafka.delivery_timeout_seconds)
         except KafkaError as exc:
             raise DeliveryError(f"flush: {exc}") from exc
+        futures = self._futures
         failed = [f.exception for f in futures if f.failed()]
         if failed or not all(f.is_done for f in futures):
             raise DeliveryError(f"{len(failed)} of {len(futures)} records not acknowledged")
-        t1 = time.perf_counter()
+        waited = time.perf_counter() - t0
         try:
             self.consumer.commit(offsets)
         except CommitFailedError as exc:
             raise Rebalanced(str(exc)) from exc
         except KafkaError as exc:
             raise DeliveryError(f"commit: {exc}") from exc
-        return {"produce": t1 - t0, "commit": time.perf_counter() - t1}
+        self._futures = []
+        return waited
+
+    def abort(self) -> None:
+        self._futures = []  # records already sent may still land: duplicates, same alert_id
 
     def close(self) -> None:
         self.producer.close(timeout=10)
 
 
 class ExactlyOnce:
-    """One transaction per batch: alerts, dead letters and consumed offsets commit together."""
+    """Records and consumed offsets between two commits commit together, or not at all."""
 
     def __init__(
         self,
@@ -140,32 +233,33 @@ class ExactlyOnce:
             self.producer = producer
         return self.producer
 
-    def deliver(self, result: BatchResult, offsets: Offsets) -> dict[str, float]:
+    def begin(self) -> None:
+        with self._errors("begin"):
+            self._ensure_producer().begin_transaction()
+
+    def send(self, records: list[Record]) -> None:
         producer = self._ensure_producer()
-        try:
-            t0 = time.perf_counter()
-            producer.begin_transaction()
-            for t, k, v, h in _records(result, self.kafka):
+        with self._errors("send"):
+            for t, k, v, h in records:
                 producer.send(t, key=k, value=v, headers=h)
-            t1 = time.perf_counter()
+
+    def commit(self, offsets: Offsets) -> float:
+        producer = self._ensure_producer()
+        with self._errors("commit"):
+            t0 = time.perf_counter()
+            producer.flush(timeout=self.kafka.delivery_timeout_seconds)
+            waited = time.perf_counter() - t0
             producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
             producer.commit_transaction()
-            return {"produce": t1 - t0, "commit": time.perf_counter() - t1}
-        except ProducerFencedError as exc:
-            self._discard()
-            raise FatalDeliveryError(
-                f"transactional id {self.kafka.transactional_id!r} was taken by another instance"
-            ) from exc
-        except CommitFailedError as exc:
-            self._discard()
-            raise Rebalanced(str(exc)) from exc
-        except KafkaError as exc:
-            # Whatever state the transaction is in, a fresh producer with the same id aborts
-            # it on init: simpler and safer than reasoning about every abortable error.
-            self._discard()
-            if "generation" in str(exc).lower() or "rebalanc" in str(exc).lower():
-                raise Rebalanced(str(exc)) from exc
-            raise DeliveryError(f"transaction: {exc}") from exc
+        return waited
+
+    def abort(self) -> None:
+        # Whatever state the transaction is in, a fresh producer with the same id aborts it
+        # on init: simpler and safer than reasoning about every abortable error.
+        self._discard()
+
+    def _errors(self, what: str) -> _TransactionErrors:
+        return _TransactionErrors(self, what)
 
     def _discard(self) -> None:
         if self.producer is not None:
@@ -179,3 +273,35 @@ class ExactlyOnce:
         if self.producer is not None:
             self.producer.close(timeout=10)
             self.producer = None
+
+
+class _TransactionErrors:
+    """Map kafka-python's transaction errors onto retry, rebalance or stop."""
+
+    def __init__(self, eos: ExactlyOnce, what: str) -> None:
+        self.eos, self.what = eos, what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> Literal[False]:
+        if exc is None or not isinstance(exc, KafkaError):
+            return False
+        self.eos._discard()
+        if isinstance(exc, ProducerFencedError):
+            raise FatalDeliveryError(
+                f"transactional id {self.eos.kafka.transactional_id!r} was taken by another "
+                "instance"
+            ) from exc
+        text = str(exc).lower()
+        if isinstance(exc, CommitFailedError) or "generation" in text or "rebalanc" in text:
+            raise Rebalanced(str(exc)) from exc
+        raise DeliveryError(f"transaction {self.what}: {exc}") from exc
+
+
+def make_outbox(kafka: KafkaSettings, consumer: KafkaConsumer) -> Outbox:
+    transport: Transport = (
+        ExactlyOnce(kafka, consumer) if kafka.delivery == "exactly-once"
+        else AtLeastOnce(kafka, consumer)
+    )  # fmt: skip
+    return Outbox(transport, kafka)

@@ -95,7 +95,11 @@ class Metrics:
             with contextlib.suppress(KeyError):  # never exported: no lag refresh since assign
                 self.lag.remove(topic, str(partition))
 
-    def record_batch(self, result: BatchResult, extra_stages: dict[str, float]) -> None:
+    def record_stages(self, stages: dict[str, float]) -> None:
+        for stage, seconds in stages.items():
+            self.batch_seconds.labels(stage).observe(seconds)
+
+    def record_batch(self, result: BatchResult) -> None:
         self.batches.inc()
         self.consumed.inc(result.consumed)
         self.batch_size.observe(result.consumed)
@@ -107,8 +111,7 @@ class Metrics:
                 counts[d.reason] = counts.get(d.reason, 0) + 1
             for reason, n in counts.items():
                 self.rejected.labels(reason).inc(n)
-        for stage, seconds in (result.stage_seconds | extra_stages).items():
-            self.batch_seconds.labels(stage).observe(seconds)
+        self.record_stages(result.stage_seconds)
         if np.isfinite(result.threshold):
             self.threshold.set(result.threshold)
         if result.scores.size:
