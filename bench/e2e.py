@@ -325,11 +325,8 @@ def stage_totals(samples: Samples) -> dict[str, tuple[float, float]]:
     }
 
 
-def run_daemon(
-    config: dict[str, Any], workdir: Path, n: int, timeout: float, broker_pid: int | None
-) -> tuple[Scenario, dict[str, Any]]:
-    """Start the daemon on a full topic, wait until it has consumed `n`, then SIGTERM it."""
-    port = int(config["metrics"]["port"])
+def spawn_daemon(config: dict[str, Any], workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """`python -m streamer run` on `config` (validated first), logging to workdir/daemon.log."""
     config_path = workdir / "daemon.toml"
     config_path.write_text(to_toml(config))
     config_mod.load(config_path, environ={})  # fail here, not in the subprocess
@@ -337,8 +334,7 @@ def run_daemon(
     # STREAMER_* overrides would silently change what is measured: the file alone decides.
     env = {k: v for k, v in os.environ.items() if not k.startswith(config_mod.ENV_PREFIX)}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    with log_path.open("wb") as log_file:
-        spawned = time.monotonic()
+    with log_path.open("wb") as log_file:  # the child keeps its own descriptor
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamer", "run", "--config", str(config_path)],
             stdout=log_file,
@@ -346,6 +342,17 @@ def run_daemon(
             cwd=ROOT,
             env=env,
         )
+    return proc, log_path
+
+
+def run_daemon(
+    config: dict[str, Any], workdir: Path, n: int, timeout: float, broker_pid: int | None
+) -> tuple[Scenario, dict[str, Any]]:
+    """Start the daemon on a full topic, wait until it has consumed `n`, then SIGTERM it."""
+    port = int(config["metrics"]["port"])
+    spawned = time.monotonic()
+    proc, log_path = spawn_daemon(config, workdir)
+    with proc:
         try:
             return _measure(proc, port, n, spawned, timeout, broker_pid)
         except BaseException:

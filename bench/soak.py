@@ -59,11 +59,9 @@ from e2e import (
     metric,
     proc_memory,
     scrape,
-    to_toml,
+    spawn_daemon,
     train_bundle,
 )
-
-from streamer import config as config_mod
 
 SOAK_PORT = "29192"  # clear of the demo (9092), the tests (19092) and bench/e2e.py (29092)
 DEFAULT_RATE = 20_000  # about half the daemon's measured end-to-end maximum on a 2-core box
@@ -167,25 +165,6 @@ def create_input_topic(bootstrap: str, topic: str) -> None:
 
 
 # -- the daemon -------------------------------------------------------------------------------
-
-
-def start_daemon(config: dict[str, Any], out: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    config_path = out / "daemon.toml"
-    config_path.write_text(to_toml(config))
-    config_mod.load(config_path, environ={})  # fail here, not in the subprocess
-    log_path = out / "daemon.log"
-    # STREAMER_* overrides would silently change what is measured: the file alone decides.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(config_mod.ENV_PREFIX)}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    with log_path.open("wb") as log_file:  # the child keeps its own descriptor
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamer", "run", "--config", str(config_path)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env=env,
-        )
-    return proc, log_path
 
 
 def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 120.0) -> float:
@@ -318,7 +297,7 @@ def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         sampler: Sampler | None = None
         try:
             create_input_topic(bootstrap, topic)
-            proc, log_path = start_daemon(config, out)
+            proc, log_path = spawn_daemon(config, out)
             ready_after = wait_ready(proc, port)
             log(f"daemon ready after {ready_after:.1f}s; streaming {args.rate:,} events/s")
             sampler = Sampler(proc, port, out / "soak.csv")

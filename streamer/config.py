@@ -206,15 +206,20 @@ class Settings(_Section, frozen=True):
         return BUILTIN[self.profile]
 
 
-def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read, merge environment overrides, validate. Raises ConfigError naming the field."""
-    path = Path(path)
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file as a dict; ConfigError when it is missing or malformed."""
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError as exc:
         raise ConfigError(f"config file {path} does not exist") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, merge environment overrides, validate. Raises ConfigError naming the field."""
+    path = Path(path)
+    raw = read_toml(path)
     return from_mapping(raw, os.environ if environ is None else environ, source=str(path))
 
 

@@ -21,7 +21,6 @@ import os
 import re
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,11 +31,13 @@ import numpy as np
 
 from streamer.config import (
     AlertSettings,
+    ConfigError,
     KafkaSettings,
     ModelSettings,
     Settings,
     ThresholdSettings,
     TrainingSettings,
+    read_toml,
 )
 from streamer.features import FeatureSpec, build_features
 from streamer.records import Alert, RawMessage
@@ -124,11 +125,9 @@ def load_config(path: str | Path) -> EvalConfig:
     """Read and validate an eval config; errors name the field (`$.data.split.train_rows`)."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise EvalConfigError(f"config file {path} does not exist") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise EvalConfigError(f"{path}: not valid TOML: {exc}") from exc
+        raw = read_toml(path)
+    except ConfigError as exc:
+        raise EvalConfigError(str(exc)) from exc
     try:
         return msgspec.convert(raw, EvalConfig)
     except msgspec.ValidationError as exc:

@@ -159,12 +159,7 @@ def test_missing_input_topic_stops_the_start(
         f'input_topic = "{unique("nope")}"\nalert_topic = "a"\ndead_letter_topic = "d"\n'
         f'[model]\nbundle = "{orders_registry}"\n[metrics]\nport = 0\n'
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "streamer", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_to_exit(config)
     assert done.returncode == 2
     assert "kafka.input_topic" in done.stderr and "does not exist" in done.stderr
 
@@ -183,11 +178,16 @@ def test_tampered_bundle_stops_the_start(
         'input_topic = "i"\nalert_topic = "a"\ndead_letter_topic = "d"\n'
         f'[model]\nbundle = "{copy}"\n'
     )
-    done = subprocess.run(
+    done = run_to_exit(config)
+    assert done.returncode == 2
+    assert "model.keras: sha256 does not match" in done.stderr
+
+
+def run_to_exit(config: Path) -> subprocess.CompletedProcess[str]:
+    """`streamer run` expected to stop by itself at start."""
+    return subprocess.run(
         [sys.executable, "-m", "streamer", "run", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert done.returncode == 2
-    assert "model.keras: sha256 does not match" in done.stderr
