@@ -138,7 +138,7 @@ class Detector:
                     self._outbox = make_outbox(k, consumer)
                     self._consumer = consumer
                 assert self._outbox is not None
-                self._outbox.transport.prepare()
+                self._outbox.prepare()
                 self._consumer.subscribe([k.input_topic], listener=_Rebalance(self))
                 self._backoff.reset()
                 return
@@ -214,7 +214,7 @@ class Detector:
             self._consumer.close(autocommit=False)
             self._consumer = None
         if self._outbox is not None:
-            self._outbox.transport.close()
+            self._outbox.close()
             self._outbox = None
         if self._server is not None:
             self._server.stop()

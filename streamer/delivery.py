@@ -90,6 +90,12 @@ class Outbox:
         self._batches = 0
         self.last_commit = time.monotonic()
 
+    def prepare(self) -> None:
+        self.transport.prepare()
+
+    def close(self) -> None:
+        self.transport.close()
+
     @property
     def pending_batches(self) -> int:
         return self._batches
