@@ -89,6 +89,8 @@ class Detector:
         self._outbox: Outbox | None = None
         self._server: StatusServer | None = None
         self._pipeline: Pipeline | None = None
+        self._bundle: bundles.Bundle | None = None
+        self._refused_version: str | None = None
         self._backoff = Backoff(settings.kafka.retry_backoff_max_seconds)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -100,17 +102,7 @@ class Detector:
         """
         s = self.settings
         started = time.monotonic()
-        bundle = bundles.load(Path(s.model.bundle), expected_spec=s.spec)
-        scorer = bundle.load_scorer(s.model.runtime)
-        # Trace the model's graph now, so the first batch does not pay for it after /readyz.
-        scorer.reconstruct(np.zeros((1, len(bundle.spec.feature_names())), dtype=np.float32))
-        self._pipeline = build_pipeline(s, bundle, scorer)
-        self.metrics.model_info.labels(bundle.version, bundle.kind).set(1)
-        log.info(
-            "model bundle %s (%s, %d features, %s runtime) from %s",
-            bundle.version, bundle.kind, len(bundle.spec.feature_names()), s.model.runtime,
-            bundle.path,
-        )  # fmt: skip
+        self._serve(*self._load_bundle(Path(s.model.bundle)))
         # Health and metrics first, so an orchestrator sees a live, not-ready process while
         # Kafka is away.
         self._server = StatusServer(
@@ -127,6 +119,49 @@ class Detector:
             s.kafka.dead_letter_topic, s.metrics.host, self._server.port,
             time.monotonic() - started,
         )  # fmt: skip
+
+    def _load_bundle(self, path: Path) -> tuple[bundles.Bundle, Any]:
+        """Load, verify (hashes, feature spec, parity) and warm up; raises BundleError."""
+        bundle = bundles.load(path, expected_spec=self.settings.spec)
+        scorer = bundle.load_scorer(self.settings.model.runtime)
+        # Trace the model's graph now, so the first batch does not pay for it after /readyz.
+        scorer.reconstruct(np.zeros((1, len(bundle.spec.feature_names())), dtype=np.float32))
+        return bundle, scorer
+
+    def _serve(self, bundle: bundles.Bundle, scorer: Any) -> None:
+        """Score from now on with this bundle; its threshold starts from its own warm start."""
+        if self._bundle is not None:
+            self.metrics.model_info.remove(self._bundle.version, self._bundle.kind)
+        self._pipeline = build_pipeline(self.settings, bundle, scorer)
+        self._bundle = bundle
+        self.metrics.model_info.labels(bundle.version, bundle.kind).set(1)
+        log.info(
+            "serving model bundle %s (%s, %d features, %s runtime) from %s",
+            bundle.version, bundle.kind, len(bundle.spec.feature_names()),
+            self.settings.model.runtime, bundle.path,
+        )  # fmt: skip
+
+    def _maybe_reload(self) -> None:
+        """Swap in the registry's `current` bundle if it changed and passes verification.
+
+        Runs between batches. A bundle that fails is refused once (logged and counted) and
+        the old one keeps serving; the registry must point elsewhere before it is tried again.
+        """
+        registry = Path(self.settings.model.bundle)
+        version = bundles.current_version(registry)
+        served = self._bundle.version if self._bundle else None
+        if version is None or version in (served, self._refused_version):
+            return
+        try:
+            bundle, scorer = self._load_bundle(registry / version)
+        except (bundles.BundleError, OSError) as exc:
+            self._refused_version = version
+            self.metrics.model_reloads.labels("rejected").inc()
+            log.error("model %s refused, still serving %s: %s", version, served, exc)
+            return
+        self.metrics.model_reloads.labels("loaded").inc()
+        log.info("model reload: %s -> %s", served, bundle.version)
+        self._serve(bundle, scorer)
 
     def _connect(self) -> None:
         k = self.settings.kafka
@@ -174,6 +209,8 @@ class Detector:
         batch = self.settings.batch
         deadline = 0.0
         next_check = next_status = 0.0
+        reload_every = self.settings.model.reload_check_seconds
+        next_reload = time.monotonic() + reload_every
         try:
             while not self.should_exit:
                 self.heartbeat.beat()
@@ -200,6 +237,9 @@ class Detector:
                 if now >= next_check:
                     self._check(consumer, polled_any=bool(polled))
                     next_check = now + CHECK_SECONDS
+                if reload_every and now >= next_reload:
+                    self._maybe_reload()
+                    next_reload = now + reload_every
                 if now >= next_status:
                     self._log_status()
                     next_status = now + STATUS_LOG_SECONDS

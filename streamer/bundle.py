@@ -4,6 +4,8 @@ A bundle is a directory:
 
     model.keras          the Keras autoencoder (loaded with safe_mode, never pickle)
     dense_weights.npz    the same model's weights as plain arrays, for the numpy runtime
+    parity.json          a few scaled rows and Keras's reconstruction of them: whatever
+                         runtime serves the bundle must reproduce them
     scaler.json          StandardScaler fitted on the training features
     feature_spec.json    the FeatureSpec the model was trained with
     threshold.json       held-out reconstruction errors: the threshold's warm start
@@ -35,8 +37,11 @@ SPEC_FILE = "feature_spec.json"
 THRESHOLD_FILE = "threshold.json"
 MANIFEST_FILE = "manifest.json"
 DENSE_WEIGHTS_FILE = "dense_weights.npz"
+PARITY_FILE = "parity.json"
 CONTENT_FILES = (MODEL_FILE, SCALER_FILE, SPEC_FILE, THRESHOLD_FILE)
-OPTIONAL_FILES = (DENSE_WEIGHTS_FILE,)  # hashed and verified when the manifest lists them
+# Hashed and verified when the manifest lists them (bundles written before them lack them).
+OPTIONAL_FILES = (DENSE_WEIGHTS_FILE, PARITY_FILE)
+PARITY_TOLERANCE = 1e-4
 CURRENT_FILE = "current"
 
 
@@ -53,6 +58,11 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
     files: dict[str, str]  # file name -> sha256
     data: dict[str, Any]
     training: dict[str, Any]
+
+
+class Parity(msgspec.Struct, forbid_unknown_fields=True):
+    inputs: list[list[float]]  # scaled feature rows
+    reconstructed: list[list[float]]  # what Keras made of them at training time
 
 
 class WarmStart(msgspec.Struct, forbid_unknown_fields=True):
@@ -101,7 +111,21 @@ class Bundle:
                 f"{MODEL_FILE}: model takes {scorer.n_features} features, "
                 f"feature spec builds {len(self.spec.feature_names())}"
             )
+        self._check_parity(scorer, runtime)
         return scorer
+
+    def _check_parity(self, scorer: Any, runtime: str) -> None:
+        """The scorer must rebuild the stored rows as Keras did when the bundle was made."""
+        if PARITY_FILE not in self.manifest.files:
+            return
+        parity = msgspec.json.decode((self.path / PARITY_FILE).read_bytes(), type=Parity)
+        got = scorer.reconstruct(np.array(parity.inputs, dtype=np.float32))
+        diff = float(np.max(np.abs(got - np.array(parity.reconstructed, dtype=np.float32))))
+        if not diff <= PARITY_TOLERANCE:
+            raise BundleError(
+                f"{PARITY_FILE}: the {runtime} runtime differs from the training-time "
+                f"reconstruction by {diff:.3g} (> {PARITY_TOLERANCE})"
+            )
 
 
 def sha256_file(path: Path) -> str:
@@ -119,12 +143,18 @@ def content_version(files: dict[str, str]) -> str:
     return h.hexdigest()[:16]
 
 
+def current_version(registry: Path) -> str | None:
+    """The version a registry's `current` file names; None for a plain bundle directory."""
+    try:
+        return (registry / CURRENT_FILE).read_text().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 def resolve(path: Path) -> Path:
     """A bundle directory, or a registry directory whose `current` file names one."""
-    if (path / CURRENT_FILE).is_file():
-        version = (path / CURRENT_FILE).read_text().strip()
-        return path / version
-    return path
+    version = current_version(path)
+    return path / version if version else path
 
 
 def set_current(registry: Path, version: str) -> None:

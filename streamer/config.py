@@ -127,6 +127,9 @@ class ModelSettings(_Section, frozen=True):
     # numpy: a plain forward pass, no TensorFlow import (lean: ~10x less memory, fast start).
     # tensorflow: the Keras model itself.
     runtime: Literal["numpy", "tensorflow"] = "numpy"
+    # How often to look at a registry's `current` file; a new version is verified and swapped
+    # in between batches. 0 turns hot reload off.
+    reload_check_seconds: float = 5.0
 
 
 class ThresholdSettings(_Section, frozen=True):

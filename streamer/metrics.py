@@ -80,6 +80,14 @@ class Metrics:
             registry=registry,
         )  # fmt: skip
         self.ready = Gauge("anomaly_ready", "1 when consuming and scoring", registry=registry)
+        self.model_reloads = Counter(
+            "anomaly_model_reloads",
+            "Model bundles found in the registry: swapped in (loaded) or refused (rejected)",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("loaded", "rejected"):
+            self.model_reloads.labels(outcome)
         self.delivery_failures = Counter(
             "anomaly_delivery_failures",
             "Batches whose publish or commit failed: retried, or left to a new owner",

@@ -79,6 +79,9 @@ def fit_bundle(
     try:
         model.save(staging / bundles.MODEL_FILE)
         NumpyDenseScorer.save_from_keras(model, staging / bundles.DENSE_WEIGHTS_FILE)
+        sample = x_val[:16]
+        parity = bundles.Parity(sample.tolist(), model.predict(sample, verbose=0).tolist())
+        (staging / bundles.PARITY_FILE).write_bytes(msgspec.json.encode(parity))
         (staging / bundles.SCALER_FILE).write_bytes(scaler.to_json())
         (staging / bundles.SPEC_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(spec)))
         warm = bundles.WarmStart(errors=val_scores.tolist(), quantiles=quantiles)

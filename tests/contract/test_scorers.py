@@ -100,3 +100,26 @@ def test_numpy_weights_are_verified_and_required(
     with pytest.raises(bundles.BundleError, match=r"runtime = \"numpy\" needs dense_weights"):
         b.load_scorer("numpy")
     assert b.load_scorer("tensorflow").n_features == len(ORDERS.feature_names())
+
+
+def test_a_runtime_that_disagrees_with_training_is_refused(
+    orders_bundle: bundles.Bundle, tmp_path: Path
+) -> None:
+    # Consistent hashes, wrong weights: only the parity rows stored at training time notice.
+    bad = tmp_path / "bad"
+    shutil.copytree(orders_bundle.path, bad)
+    with np.load(bad / bundles.DENSE_WEIGHTS_FILE, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["bias_0"] = arrays["bias_0"] + 0.5
+    with (bad / bundles.DENSE_WEIGHTS_FILE).open("wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]
+    manifest = msgspec.json.decode((bad / bundles.MANIFEST_FILE).read_bytes())
+    manifest["files"][bundles.DENSE_WEIGHTS_FILE] = bundles.sha256_file(
+        bad / bundles.DENSE_WEIGHTS_FILE
+    )
+    manifest["version"] = bundles.content_version(manifest["files"])
+    (bad / bundles.MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
+    b = bundles.load(bad)
+    with pytest.raises(bundles.BundleError, match=r"parity\.json: the numpy runtime differs"):
+        b.load_scorer("numpy")
+    b.load_scorer("tensorflow")  # the Keras model itself still matches

@@ -135,6 +135,7 @@ def write_config(
     batch_size: int = 1000,
     wait_seconds: float = 0.1,
     kafka_extra: str = "",
+    model_extra: str = "",
     extra: str = "",
     runtime: str = "numpy",
 ) -> int:
@@ -153,6 +154,7 @@ group_id = "{topics.group}"
 [model]
 bundle = "{registry}"
 runtime = "{runtime}"
+{model_extra}
 [batch]
 max_batch_size = {batch_size}
 max_wait_seconds = {wait_seconds}
@@ -174,9 +176,10 @@ def start_daemon(
     def start(**options: Any) -> Daemon:
         options.setdefault("bootstrap", kafka_bootstrap)
         options.setdefault("topics", topics)
+        options.setdefault("registry", orders_registry)
         n = len(started)
         config = tmp_path / f"daemon-{n}.toml"
-        port = write_config(config, registry=orders_registry, **options)
+        port = write_config(config, **options)
         daemon = Daemon(config, port, tmp_path / f"daemon-{n}.log")
         started.append(daemon)
         return daemon

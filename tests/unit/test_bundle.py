@@ -25,7 +25,7 @@ def test_registry_current_and_contents(orders_registry: Path) -> None:
     assert b.manifest.training["epochs_run"] >= 1
     assert b.warm_start.size == 3000  # the 15% held out, in event order
     assert np.all(b.warm_start >= 0)
-    assert set(b.manifest.files) == {*bundles.CONTENT_FILES, bundles.DENSE_WEIGHTS_FILE}
+    assert set(b.manifest.files) == {*bundles.CONTENT_FILES, *bundles.OPTIONAL_FILES}
 
 
 def test_tampered_file_is_refused(orders_bundle: bundles.Bundle, tmp_path: Path) -> None:
