@@ -131,10 +131,10 @@ class Detector:
     def _serve(self, bundle: bundles.Bundle, scorer: Any) -> None:
         """Score from now on with this bundle; its threshold starts from its own warm start."""
         if self._bundle is not None:
-            self.metrics.model_info.remove(self._bundle.version, self._bundle.kind)
+            self.metrics.model_info.remove(*_info_labels(self._bundle))
         self._pipeline = build_pipeline(self.settings, bundle, scorer)
         self._bundle = bundle
-        self.metrics.model_info.labels(bundle.version, bundle.kind).set(1)
+        self.metrics.model_info.labels(*_info_labels(bundle)).set(1)
         log.info(
             "serving model bundle %s (%s, %d features, %s runtime) from %s",
             bundle.version, bundle.kind, len(bundle.spec.feature_names()),
@@ -363,6 +363,10 @@ class Detector:
             total("anomaly_events_consumed_total"), total("anomaly_events_scored_total"),
             total("anomaly_alerts_published_total"), rejected, self._pipeline.threshold.value,
         )  # fmt: skip
+
+
+def _info_labels(bundle: bundles.Bundle) -> tuple[str, str, str, str]:
+    return bundle.version, bundle.kind, bundle.spec.profile, bundle.spec.entity_field
 
 
 class _Rebalance(ConsumerRebalanceListener):

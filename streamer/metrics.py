@@ -76,7 +76,9 @@ class Metrics:
             registry=registry,
         )
         self.model_info = Gauge(
-            "anomaly_model_info", "The model bundle being served", ["version", "kind"],
+            "anomaly_model_info",
+            "The model bundle being served; join on it for per-profile (entity type) views",
+            ["version", "kind", "profile", "entity_field"],
             registry=registry,
         )  # fmt: skip
         self.ready = Gauge("anomaly_ready", "1 when consuming and scoring", registry=registry)

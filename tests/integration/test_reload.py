@@ -29,6 +29,7 @@ from training.fit import fit_bundle
 from training.simulate import simulate
 
 pytestmark = pytest.mark.integration
+INFO = {"kind": "dense", "profile": "orders", "entity_field": "customer_id"}
 
 
 def orders(count: int, seed: int) -> tuple[list[bytes], list[bytes]]:
@@ -68,7 +69,7 @@ def test_reload_mid_stream_refuses_a_corrupt_candidate_and_loses_nothing(
     bundles.set_current(registry, "tampered")
     _wait_outcome(daemon, "rejected")
     stream(2_000, seed=52)
-    assert daemon.metric("anomaly_model_info", version=first, kind="dense") == 1
+    assert daemon.metric("anomaly_model_info", version=first, **INFO) == 1
     assert daemon.metric("anomaly_model_reloads_total", outcome="loaded") == 0
 
     # A new, good bundle is swapped in between batches.
@@ -85,8 +86,8 @@ def test_reload_mid_stream_refuses_a_corrupt_candidate_and_loses_nothing(
     _wait_outcome(daemon, "loaded")
     before = end_offsets(kafka_bootstrap, topics.input)
     stream(5_000, seed=54)
-    assert daemon.metric("anomaly_model_info", version=second, kind="dense") == 1
-    assert daemon.metric("anomaly_model_info", version=first, kind="dense") == 0
+    assert daemon.metric("anomaly_model_info", version=second, **INFO) == 1
+    assert daemon.metric("anomaly_model_info", version=first, **INFO) == 0
 
     alerts = [json.loads(r.value) for r in read_topic(kafka_bootstrap, topics.alerts)]
     after = [a for a in alerts if a["source"]["offset"] >= before[a["source"]["partition"]]]
