@@ -370,21 +370,23 @@ def _info_labels(bundle: bundles.Bundle) -> tuple[str, str, str, str]:
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    """Finish the batch in hand before partitions move, so the next owner starts after it."""
+    """Leave uncommitted work to be replayed when partitions move (see on_partitions_revoked)."""
 
     def __init__(self, detector: Detector) -> None:
         self.detector = detector
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        if self.detector._buffer:
-            log.info("partitions revoked: finishing a batch of %d", len(self.detector._buffer))
-        # Bounded: the group waits for this callback, and the new owner replays anything
-        # not committed by then.
-        try:
-            grace = self.detector.settings.kafka.delivery_timeout_seconds
-            self.detector.flush_batch(commit=True, grace_seconds=grace)
-        except FatalDeliveryError as exc:
-            log.warning("batches in hand not delivered before the rebalance: %s", exc)
+        # kafka-python 3 calls this on its network thread, where a commit cannot block. So
+        # nothing is committed here: the uncommitted batches and the buffer are dropped, and
+        # after the (eager) rebalance every assigned partition restarts from its committed
+        # offset, so the new owner, this replica included, replays them: same alert ids, and
+        # in exactly-once mode the open transaction is aborted, so nothing is seen twice.
+        d = self.detector
+        if d._buffer or (d._outbox is not None and d._outbox.pending_batches):
+            log.info("partitions revoked: uncommitted work is replayed after the rebalance")
+        d._buffer = []
+        if d._outbox is not None:
+            d._outbox.drop()
         self.detector.metrics.forget_partitions([(tp.topic, tp.partition) for tp in revoked])
 
     def on_partitions_assigned(self, assigned: Any) -> None:

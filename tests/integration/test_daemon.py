@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from itertools import islice
@@ -191,3 +192,35 @@ def run_to_exit(config: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
     )
+
+
+def test_second_replica_joining_mid_stream_loses_nothing(
+    kafka_bootstrap: str, topics: Topics, start_daemon: Callable[..., Daemon]
+) -> None:
+    values, keys, _ = orders(60_000, seed=24, rate=0.01)
+
+    def paced() -> None:  # a stream that is still flowing while the group rebalances
+        for i in range(0, len(values), 5_000):
+            produce(kafka_bootstrap, topics.input, values[i : i + 5_000], keys[i : i + 5_000])
+            time.sleep(0.5)
+
+    first = start_daemon(batch_size=200)
+    first.wait_ready()
+    feeder = threading.Thread(target=paced)
+    feeder.start()
+    first.wait_metric("anomaly_events_consumed_total", 5_000)
+    second = start_daemon(batch_size=200)  # a rebalance while batches are uncommitted
+    second.wait_ready()
+    feeder.join(120)
+    deadline = time.monotonic() + 120
+    while committed(kafka_bootstrap, topics.group, topics.input) != end_offsets(
+        kafka_bootstrap, topics.input
+    ):
+        assert time.monotonic() < deadline, first.output() + second.output()
+        time.sleep(0.5)
+    total = first.metric("anomaly_events_consumed_total") + second.metric(
+        "anomaly_events_consumed_total"
+    )
+    assert total >= len(values)  # replays after the rebalance may add some
+    assert second.metric("anomaly_events_consumed_total") > 0
+    assert first.stop() == 0 and second.stop() == 0
