@@ -21,12 +21,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 import numpy as np
 
+if TYPE_CHECKING:  # aggregates imports this module; the state is only named in a signature
+    from streamer.aggregates import AggregateState
+
 TimeFormat = Literal["iso8601", "epoch_ms", "epoch_s"]
+Stat = Literal["count", "mean", "std", "ratio"]
+STATS: tuple[Stat, ...] = ("count", "mean", "std", "ratio")
 
 
 class _Column(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind"):
@@ -69,7 +74,53 @@ class HourOfDay(_Column, tag="hour_of_day", frozen=True):
     """Hour of the event time (UTC) as a point on a circle, so 23:59 sits next to 00:00."""
 
 
-Column = Numeric | Log1p | Ratio | OneHot | HourOfDay
+class Rolling(_Column, tag="rolling", frozen=True):
+    """Per-entity rolling statistics of `field` over the entity's earlier events in each
+    event-time window (stateful: built by `streamer.aggregates.AggregateState`).
+
+    For an event of key value k at event time t, its "earlier events in window w" are the
+    events of k already processed (arrival order) whose event time t' is in (t - w, t]:
+    - count: how many there are;
+    - mean: their mean of `field`; with none, the event's own value (so nothing looks odd);
+    - std: their population standard deviation, 0 when count < 2;
+    - ratio: value / mean when |mean| > 1e-12, else 1.0.
+    Then the event itself joins the state. This is exact when each key's events arrive in
+    event-time order (Kafka partitions keyed by entity); see `streamer.aggregates` for late
+    events. `key` names the entity field; None means the spec's `entity_field`.
+    """
+
+    field: str
+    windows_seconds: list[float]
+    stats: list[Stat] = msgspec.field(default_factory=lambda: list(STATS))
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        what = f"rolling column of {self.field!r}"
+        if not self.windows_seconds:
+            raise ValueError(f"{what} needs at least one window")
+        if not all(0.0 < w < math.inf for w in self.windows_seconds):
+            raise ValueError(f"{what}: windows must be finite and > 0 seconds")
+        if len(set(self.windows_seconds)) != len(self.windows_seconds):
+            raise ValueError(f"{what} has duplicate windows")
+        if not self.stats:
+            raise ValueError(f"{what} needs at least one stat")
+        if not set(self.stats) <= set(STATS) or len(set(self.stats)) != len(self.stats):
+            raise ValueError(f"{what}: stats must be distinct values of {list(STATS)}")
+
+
+class SincePrevious(_Column, tag="since_previous", frozen=True):
+    """log1p(seconds since the key's previous event), capped at `cap_seconds`; a key's first
+    event gets the cap too (stateful). `key` None means the spec's `entity_field`."""
+
+    key: str | None = None
+    cap_seconds: float = 604800.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.cap_seconds < math.inf:
+            raise ValueError(f"since_previous column of {self.key!r}: cap_seconds must be > 0")
+
+
+Column = Numeric | Log1p | Ratio | OneHot | HourOfDay | Rolling | SincePrevious
 
 
 class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -89,10 +140,28 @@ class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if len(set(names)) != len(names):
             raise ValueError("feature spec builds the same feature twice")
 
+    @property
+    def stateful(self) -> bool:
+        """Whether some column depends on earlier events (build_features then needs a state)."""
+        return any(isinstance(col, Rolling | SincePrevious) for col in self.columns)
+
+    def key_of(self, col: Rolling | SincePrevious) -> str:
+        """The entity field a stateful column is keyed by."""
+        return col.key or self.entity_field
+
     def feature_names(self) -> list[str]:
         names: list[str] = []
         for col in self.columns:
-            if isinstance(col, Numeric):
+            if isinstance(col, Rolling):
+                key = self.key_of(col)
+                names.extend(
+                    f"{key}.{stat}({col.field},{_duration(w)})"
+                    for w in col.windows_seconds
+                    for stat in col.stats
+                )
+            elif isinstance(col, SincePrevious):
+                names.append(f"{self.key_of(col)}.since_previous")
+            elif isinstance(col, Numeric):
                 names.append(col.field)
             elif isinstance(col, Log1p):
                 names.append(f"log1p({col.field})")
@@ -114,7 +183,7 @@ class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             elif isinstance(col, HourOfDay):
                 mask.extend([False, False])
             else:
-                mask.append(True)
+                mask.extend([True] * _width(col))
         return np.array(mask, dtype=bool)
 
     def unit_names(self) -> list[str]:
@@ -128,12 +197,13 @@ class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return names
 
     def to_original_units(self, index: int, value: float) -> float:
-        """Map one feature value back to the unit of its source field (log1p -> expm1)."""
+        """Map one feature value back to the unit of its source field (log1p -> expm1;
+        since_previous -> seconds)."""
         offset = 0
         for col in self.columns:
             width = _width(col)
             if index < offset + width:
-                return math.expm1(value) if isinstance(col, Log1p) else value
+                return math.expm1(value) if isinstance(col, Log1p | SincePrevious) else value
             offset += width
         raise IndexError(index)
 
@@ -149,7 +219,9 @@ class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         else:
             fields[self.time_field] = int | float
         for col in self.columns:
-            if isinstance(col, Numeric | Log1p):
+            if isinstance(col, Rolling | SincePrevious):
+                fields.setdefault(self.key_of(col), key_type)
+            if isinstance(col, Numeric | Log1p | Rolling):
                 fields.setdefault(col.field, float)
             elif isinstance(col, Ratio):
                 fields.setdefault(col.numerator, float)
@@ -166,7 +238,20 @@ def _width(col: Column) -> int:
         return len(col.vocabulary) + 1
     if isinstance(col, HourOfDay):
         return 2
+    if isinstance(col, Rolling):
+        return len(col.windows_seconds) * len(col.stats)
     return 1
+
+
+def _duration(seconds: float) -> str:
+    """Compact window label for feature names: 90s, 5m, 1h, 7d; other values in seconds."""
+    if seconds == int(seconds):
+        whole = int(seconds)
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if whole % size == 0:
+                return f"{whole // size}{unit}"
+        return f"{whole}s"
+    return f"{seconds!r}s"
 
 
 def event_seconds(spec: FeatureSpec, value: Any) -> float:
@@ -178,8 +263,22 @@ def event_seconds(spec: FeatureSpec, value: Any) -> float:
     return float(value)
 
 
-def build_features(spec: FeatureSpec, events: Sequence[Any]) -> np.ndarray:
-    """Events (decoded with `spec.event_type()`) -> float64 matrix, one row per event."""
+def build_features(
+    spec: FeatureSpec, events: Sequence[Any], state: AggregateState | None = None
+) -> np.ndarray:
+    """Events (decoded with `spec.event_type()`) -> float64 matrix, one row per event.
+
+    A stateful spec (Rolling / SincePrevious columns) needs `state`, which these events then
+    update in order: training and the daemon feed it the same stream, so they agree.
+    """
+    if spec.stateful:
+        if state is None:
+            raise ValueError(
+                f"feature spec {spec.profile!r} has stateful columns (rolling / since_previous):"
+                " build_features needs an AggregateState"
+            )
+        if state.spec is not spec and state.spec != spec:
+            raise ValueError("the AggregateState was built for a different feature spec")
     n = len(events)
     out = np.empty((n, len(spec.feature_names())), dtype=np.float64)
     if n == 0:
@@ -187,19 +286,30 @@ def build_features(spec: FeatureSpec, events: Sequence[Any]) -> np.ndarray:
 
     # Overflow gives inf rather than a warning: callers drop non-finite rows with a reason.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        _fill(spec, events, out)
+        _fill(spec, events, out, state)
     return out
 
 
-def _fill(spec: FeatureSpec, events: Sequence[Any], out: np.ndarray) -> None:
+def _fill(
+    spec: FeatureSpec, events: Sequence[Any], out: np.ndarray, state: AggregateState | None
+) -> None:
     n = len(events)
+    # Stateful columns come from one in-order pass over the events, in spec column order.
+    aggregates = state.update(events) if state is not None and spec.stateful else None
+    a = 0
 
     def column(field: str) -> np.ndarray:
         return np.fromiter((getattr(e, field) for e in events), dtype=np.float64, count=n)
 
     j = 0
     for col in spec.columns:
-        if isinstance(col, Numeric):
+        if isinstance(col, Rolling | SincePrevious):
+            assert aggregates is not None
+            width = _width(col)
+            out[:, j : j + width] = aggregates[:, a : a + width]
+            a += width
+            j += width
+        elif isinstance(col, Numeric):
             out[:, j] = column(col.field)
             j += 1
         elif isinstance(col, Log1p):

@@ -105,3 +105,33 @@ def test_spec_round_trips_through_json_and_rejects_bad_columns() -> None:
 
 def test_empty_batch() -> None:
     assert build_features(SPEC, []).shape == (0, len(SPEC.feature_names()))
+
+
+def test_stateful_columns_sit_in_spec_order_among_the_others() -> None:
+    from streamer.aggregates import AggregateState
+    from streamer.features import Rolling, SincePrevious
+
+    spec = FeatureSpec(
+        profile="s", entity_field="user", time_field="ts", time_format="epoch_s",
+        columns=[
+            Log1p(field="amount"),
+            Rolling(field="amount", windows_seconds=[60], stats=["count", "mean"]),
+            HourOfDay(),
+            SincePrevious(cap_seconds=100.0),
+        ],
+    )  # fmt: skip
+    assert spec.stateful and not SPEC.stateful
+    assert spec.feature_names() == [
+        "log1p(amount)", "user.count(amount,1m)", "user.mean(amount,1m)", "hour_sin",
+        "hour_cos", "user.since_previous",
+    ]  # fmt: skip
+    assert spec.standardized().tolist() == [True, True, True, False, False, True]
+    events = decode(
+        spec, {"user": "a", "ts": 0, "amount": 3.0}, {"user": "a", "ts": 10, "amount": 5.0}
+    )
+    x = build_features(spec, events, AggregateState(spec))
+    np.testing.assert_allclose(x[:, [1, 2, 5]], [[0, 3, math.log1p(100)], [1, 3, math.log1p(10)]])
+    np.testing.assert_allclose(x[:, 0], np.log1p([3.0, 5.0]))
+    assert spec.to_original_units(5, math.log1p(10.0)) == pytest.approx(10.0)  # seconds
+    with pytest.raises(ValueError, match="AggregateState"):
+        build_features(spec, events)

@@ -1,0 +1,270 @@
+"""Per-entity state behind the stateful feature columns (Rolling, SincePrevious). No I/O.
+
+>>> from streamer.features import FeatureSpec, Rolling, SincePrevious
+>>> spec = FeatureSpec(profile="demo", entity_field="user", time_field="ts",
+...     time_format="epoch_s", columns=[Rolling(field="amount", windows_seconds=[3600],
+...     stats=["count", "mean"]), SincePrevious(cap_seconds=86400)])
+>>> Event = spec.event_type()
+>>> state = AggregateState(spec)
+>>> state.update([Event(user="u", ts=0, amount=10.0), Event(user="u", ts=60, amount=20.0),
+...               Event(user="u", ts=4000, amount=5.0)]).round(3).tolist()
+[[0.0, 10.0, 11.367], [1.0, 10.0, 4.111], [0.0, 5.0, 8.279]]
+
+What is kept: one state per (key field, key value), in an LRU `OrderedDict`: the key's latest
+event time and, per Rolling column, its recent (time, value) pairs in two `array("d")`s that
+all of the column's windows share (window i is the suffix from heads[i]), plus per window a
+shift and the running sums of (value - shift) and (value - shift)². The shift is a value
+still in the window (|shift - mean|² <= count * variance, so the variance is stable) and the
+sums are recomputed exactly when it leaves or when evictions have taken most of the squared
+mass out (subtraction would otherwise leave rounding error the size of what left); an emptied
+window has its sums reset to exactly 0. Each event costs O(1) amortized.
+
+Memory: about 1.1 KB per entity for one Rolling column of three windows plus a SincePrevious
+(key, dict entry and bookkeeping; measured), and 16 bytes per event held in a column's
+longest window. `max_entities` caps the entities; going past it evicts the least recently
+updated one (counted as "capacity"), which does change that entity's later features.
+
+Idle eviction: when a new key arrives at event time t, up to two keys at the LRU front whose
+latest event is older than t - horizon are dropped (counted as "idle"); horizon is the longest
+window or cap in the spec. If a dropped key's next event is no earlier than t (always so in a
+time-ordered stream; across partitions, when none lags so far behind), it comes more than a
+horizon after the key's last: its windows would be empty and its since_previous capped, the
+values of no state at all, so idle eviction changes no feature. The clock is the arriving
+event, not the largest time seen, so one event with a wild future time cannot idle every key.
+
+Order: the features are exact when each key's events arrive in event-time order (Kafka
+partitions keyed by the entity). A late event (before its key's latest) is taken as happening
+at that latest time, so the windows stay in time order; one more than a horizon late (say the
+key's previous event had a bogus future time) starts the key afresh rather than leave it stuck.
+Values that are not finite or have |x| > 1e150 (their squares could overflow the sums) are
+left out of the state, so they cannot poison an entity; their own row is still computed, and
+the event still counts for since_previous. An event with a non-finite time leaves the state
+untouched and gets NaN stateful features.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import numpy as np
+
+from streamer.features import STATS, FeatureSpec, Rolling, SincePrevious
+
+_MAX_ABS = 1e150  # larger values stay out of the state: sums of their squares could overflow
+_IDLE_SWEEP = 2  # idle keys dropped per new key at most: bounded work per event
+_COMPACT = 16  # drop expired pairs from the arrays once at least this many lead them
+# Recentre once s2 has lost this many times what it still holds: subtracting a large square
+# leaves an error of its size times 1e-16, which must stay far below what is left.
+_DRIFT = 65536.0
+
+
+class _Series:
+    """One key's recent (time, value) pairs of one Rolling field, shared by all its windows."""
+
+    __slots__ = ("anchor", "gone", "heads", "s1", "s2", "shift", "times", "values")
+
+    def __init__(self, windows: int) -> None:
+        self.times = array("d")
+        self.values = array("d")
+        self.heads = [0] * windows  # window i covers pairs [heads[i], len)
+        self.anchor = [-1] * windows  # index of the pair whose value is shift[i]
+        self.shift = [0.0] * windows
+        self.s1 = [0.0] * windows  # sum of (value - shift) over the window
+        self.s2 = [0.0] * windows  # sum of (value - shift)²
+        self.gone = [0.0] * windows  # (value - shift)² taken out of s2 since the last recentre
+
+
+class _Entity:
+    __slots__ = ("last", "series")
+
+    def __init__(self, last: float, series: list[_Series]) -> None:
+        self.last = last  # latest event time, also the floor for late events
+        self.series = series
+
+
+# The plan for one key field: (key field, [(offset, cap)] per SincePrevious column,
+# [(series index, field, windows, slots)] per Rolling column), where slots[i] lists the
+# (stat index, output offset) pairs of window i.
+_Slots = tuple[tuple[int, int], ...]
+_Roll = tuple[int, str, tuple[float, ...], list[_Slots]]
+_Group = tuple[str, list[tuple[int, float]], list[_Roll]]
+
+
+class AggregateState:
+    """Rolling per-entity statistics in event time; `update` gives the stateful features."""
+
+    def __init__(self, spec: FeatureSpec, max_entities: int = 100_000) -> None:
+        if max_entities < 1:
+            raise ValueError("max_entities must be >= 1")
+        self.spec = spec
+        self.max_entities = max_entities
+        self.evictions: dict[str, int] = {"idle": 0, "capacity": 0}
+        self._states: OrderedDict[Hashable, _Entity] = OrderedDict()
+        self._seconds = _seconds_reader(spec)
+        self._groups: list[_Group] = []
+        self._width = 0
+        self.horizon = 0.0  # longest window or cap: older state can no longer change a value
+        groups: dict[str, _Group] = {}
+        for col in spec.columns:
+            if not isinstance(col, Rolling | SincePrevious):
+                continue
+            group = groups.setdefault(spec.key_of(col), (spec.key_of(col), [], []))
+            if isinstance(col, SincePrevious):
+                group[1].append((self._width, col.cap_seconds))
+                self._width += 1
+                self.horizon = max(self.horizon, col.cap_seconds)
+                continue
+            slots: list[_Slots] = []
+            for _ in col.windows_seconds:
+                slots.append(
+                    tuple((STATS.index(s), self._width + k) for k, s in enumerate(col.stats))
+                )
+                self._width += len(col.stats)
+            group[2].append((len(group[2]), col.field, tuple(col.windows_seconds), slots))
+            self.horizon = max(self.horizon, *col.windows_seconds)
+        self._groups = list(groups.values())
+
+    @property
+    def entities(self) -> int:
+        """(key field, key value) states held."""
+        return len(self._states)
+
+    def clear(self) -> None:
+        """Forget every entity (the eviction counts are running totals and stay)."""
+        self._states.clear()
+
+    def update(self, events: Sequence[Any]) -> np.ndarray:
+        """The stateful features of `events`, shape (n, k) in spec column order; each event
+        is then added to the state, in order."""
+        k = self._width
+        out = [math.nan] * (len(events) * k)
+        read_time, time_field = self._seconds, self.spec.time_field
+        states, horizon = self._states, self.horizon
+        isfinite, log1p, sqrt, inf = math.isfinite, math.log1p, math.sqrt, math.inf
+        base = -k
+        for event in events:
+            base += k
+            t = read_time(getattr(event, time_field))
+            if not isfinite(t):
+                continue  # NaN row; the state does not move
+            for key_field, since, rolls in self._groups:
+                key = (key_field, getattr(event, key_field))
+                entity = states.get(key)
+                tk = t
+                if entity is None:
+                    entity = self._insert(key, t, rolls)
+                    gap = inf
+                else:
+                    states.move_to_end(key)
+                    gap = t - entity.last
+                    if gap < 0.0:
+                        if gap < -horizon:  # its state is from the "future": start afresh
+                            entity.series = _fresh(rolls)
+                            gap = inf
+                        else:  # late: taken as happening at the key's latest time
+                            tk = entity.last
+                            gap = 0.0
+                entity.last = tk
+                for offset, cap in since:
+                    out[base + offset] = log1p(gap if gap < cap else cap)
+                for index, field, windows, slots in rolls:
+                    x = getattr(event, field)
+                    s = entity.series[index]
+                    times, values = s.times, s.values
+                    heads, anchor, shift, s1, s2, gone = (
+                        s.heads, s.anchor, s.shift, s.s1, s.s2, s.gone
+                    )  # fmt: skip
+                    end = len(times)
+                    for i, w in enumerate(windows):
+                        h = heads[i]
+                        cut = tk - w
+                        if h < end and times[h] <= cut:
+                            a, b, c, g = s1[i], s2[i], shift[i], gone[i]
+                            while h < end and times[h] <= cut:
+                                d = values[h] - c
+                                a -= d
+                                b -= d * d
+                                g += d * d
+                                h += 1
+                            heads[i] = h
+                            if h == end:  # empty: exact zeros, no drift carried over
+                                a = b = g = 0.0
+                                anchor[i] = -1
+                            elif h > anchor[i] or g > _DRIFT * b:  # recentre, exactly
+                                anchor[i], c, a, b = _recentre(values, h, end)
+                                g = 0.0
+                            s1[i], s2[i], shift[i], gone[i] = a, b, c, g
+                        count = end - h
+                        if count:
+                            m1 = s1[i] / count
+                            mean = shift[i] + m1
+                            var = s2[i] / count - m1 * m1 if count > 1 else 0.0
+                            std = sqrt(var) if var > 0.0 else 0.0
+                            ratio = x / mean if abs(mean) > 1e-12 else 1.0
+                        else:
+                            mean, std, ratio = x, 0.0, 1.0
+                        stat = (float(count), mean, std, ratio)
+                        for j, offset in slots[i]:
+                            out[base + offset] = stat[j]
+                    if abs(x) <= _MAX_ABS:  # False for NaN and inf too
+                        for i in range(len(windows)):
+                            if heads[i] == end:  # empty window: this value is the shift
+                                anchor[i], shift[i] = end, x
+                            d = x - shift[i]
+                            s1[i] += d
+                            s2[i] += d * d
+                        times.append(tk)
+                        values.append(x)
+                    first = min(heads)
+                    if first >= _COMPACT and 2 * first >= end:
+                        del times[:first], values[:first]
+                        s.heads = [h - first for h in heads]
+                        s.anchor = [p - first if p >= 0 else -1 for p in anchor]
+        return np.array(out, dtype=np.float64).reshape(len(events), k)
+
+    def _insert(self, key: Hashable, t: float, rolls: list[_Roll]) -> _Entity:
+        """A new key's state; first drop a few idle keys, then the LRU one if over capacity."""
+        states = self._states
+        cutoff = t - self.horizon
+        for _ in range(_IDLE_SWEEP):
+            if not states:
+                break
+            oldest = next(iter(states))
+            if states[oldest].last >= cutoff:
+                break
+            del states[oldest]
+            self.evictions["idle"] += 1
+        entity = states[key] = _Entity(t, _fresh(rolls))
+        if len(states) > self.max_entities:
+            states.popitem(last=False)
+            self.evictions["capacity"] += 1
+        return entity
+
+
+def _fresh(rolls: list[_Roll]) -> list[_Series]:
+    return [_Series(len(windows)) for _, _, windows, _ in rolls]
+
+
+def _recentre(values: array[float], head: int, end: int) -> tuple[int, float, float, float]:
+    """(anchor, shift, s1, s2) recomputed from scratch, shifted by the window's newest value."""
+    c = values[end - 1]
+    window = values[head:end]
+    return (
+        end - 1,
+        c,
+        math.fsum(v - c for v in window),
+        math.fsum((v - c) * (v - c) for v in window),
+    )
+
+
+def _seconds_reader(spec: FeatureSpec) -> Callable[[Any], float]:
+    """`features.event_seconds` for this spec's time format, without the per-event branching."""
+    if spec.time_format == "iso8601":
+        return lambda value: float(value.timestamp())
+    if spec.time_format == "epoch_ms":
+        return lambda value: float(value) / 1000.0
+    return float
