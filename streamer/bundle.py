@@ -3,13 +3,19 @@
 A bundle is a directory:
 
     model.keras          the Keras autoencoder (loaded with safe_mode, never pickle)
-    dense_weights.npz    the same model's weights as plain arrays, for the numpy runtime
-    parity.json          a few scaled rows and Keras's reconstruction of them: whatever
-                         runtime serves the bundle must reproduce them
+    dense_weights.npz    a dense model's weights as plain arrays, for the numpy runtime
+    lstm_weights.npz     an LSTM model's weights as plain arrays, for the numpy runtime
+    parity.json          a few scaled rows (LSTM: windows) and Keras's reconstruction of
+                         them: whatever runtime serves the bundle must reproduce them
     scaler.json          StandardScaler fitted on the training features
     feature_spec.json    the FeatureSpec the model was trained with
     threshold.json       held-out reconstruction errors: the threshold's warm start
     manifest.json        version, creation time, data summary, training metrics, file hashes
+
+The manifest's `model_kind` says which model the bundle holds: "dense" scores one event's
+scaled row, "lstm" the window of its entity's last `window_length` rows (manifest field;
+null for dense), built by streamer/windows.py at training and serving time alike. Only the
+weights file of the bundle's kind is written; the numpy runtime loads the one its kind needs.
 
 The version is a hash of the other files' contents, so two bundles with one version are the
 same model. A registry is a directory of bundles plus a `current` file naming one version.
@@ -37,10 +43,14 @@ SPEC_FILE = "feature_spec.json"
 THRESHOLD_FILE = "threshold.json"
 MANIFEST_FILE = "manifest.json"
 DENSE_WEIGHTS_FILE = "dense_weights.npz"
+LSTM_WEIGHTS_FILE = "lstm_weights.npz"
 PARITY_FILE = "parity.json"
 CONTENT_FILES = (MODEL_FILE, SCALER_FILE, SPEC_FILE, THRESHOLD_FILE)
-# Hashed and verified when the manifest lists them (bundles written before them lack them).
-OPTIONAL_FILES = (DENSE_WEIGHTS_FILE, PARITY_FILE)
+# Hashed and verified when the manifest lists them (bundles written before them lack them,
+# and a bundle has only its own kind's weights file).
+OPTIONAL_FILES = (DENSE_WEIGHTS_FILE, LSTM_WEIGHTS_FILE, PARITY_FILE)
+# model_kind -> the weights file its numpy runtime loads.
+NUMPY_WEIGHTS = {"dense": DENSE_WEIGHTS_FILE, "lstm": LSTM_WEIGHTS_FILE}
 PARITY_TOLERANCE = 1e-4
 CURRENT_FILE = "current"
 
@@ -58,11 +68,13 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
     files: dict[str, str]  # file name -> sha256
     data: dict[str, Any]
     training: dict[str, Any]
+    # Appended with a default: manifests written before it (all dense) still decode.
+    window_length: int | None = None  # rows per window; None: one row per event
 
 
 class Parity(msgspec.Struct, forbid_unknown_fields=True):
-    inputs: list[list[float]]  # scaled feature rows
-    reconstructed: list[list[float]]  # what Keras made of them at training time
+    inputs: list[Any]  # scaled feature rows (n, d), or windows (n, window_length, d)
+    reconstructed: list[Any]  # what Keras made of them at training time
 
 
 class WarmStart(msgspec.Struct, forbid_unknown_fields=True):
@@ -86,18 +98,30 @@ class Bundle:
     def kind(self) -> str:
         return self.manifest.model_kind
 
+    @property
+    def window_length(self) -> int | None:
+        """Rows per window the model scores; None for a model of single rows (dense)."""
+        return self.manifest.window_length
+
     def load_scorer(self, runtime: str = "numpy") -> Any:
         """The scorer for `runtime`: "numpy" (no TensorFlow import) or "tensorflow"."""
         loader: Callable[[Path], Any]
         if runtime == "numpy":
-            from streamer.lean import NumpyDenseScorer
+            from streamer.lean import NumpyDenseScorer, NumpyLSTMScorer
 
-            if DENSE_WEIGHTS_FILE not in self.manifest.files:
+            weights = NUMPY_WEIGHTS.get(self.kind)
+            if weights is None:
                 raise BundleError(
-                    f'{self.path}: model.runtime = "numpy" needs {DENSE_WEIGHTS_FILE}, which '
+                    f"{MANIFEST_FILE}: model_kind {self.kind!r} has no numpy runtime (known: "
+                    f'{", ".join(sorted(NUMPY_WEIGHTS))}); set model.runtime = "tensorflow"'
+                )
+            if weights not in self.manifest.files:
+                raise BundleError(
+                    f'{self.path}: model.runtime = "numpy" needs {weights}, which '
                     'this bundle lacks; retrain it, or set model.runtime = "tensorflow"'
                 )
-            loader, file = NumpyDenseScorer.load, self.path / DENSE_WEIGHTS_FILE
+            numpy_loader = NumpyLSTMScorer.load if self.kind == "lstm" else NumpyDenseScorer.load
+            loader, file = numpy_loader, self.path / weights
         else:
             from streamer.scoring import KerasScorer
 
@@ -111,11 +135,16 @@ class Bundle:
                 f"{MODEL_FILE}: model takes {scorer.n_features} features, "
                 f"feature spec builds {len(self.spec.feature_names())}"
             )
+        if scorer.window_length != self.window_length:
+            raise BundleError(
+                f"{file.name}: model takes windows of {scorer.window_length} rows, "
+                f"{MANIFEST_FILE} says window_length = {self.window_length}"
+            )
         self._check_parity(scorer, runtime)
         return scorer
 
     def _check_parity(self, scorer: Any, runtime: str) -> None:
-        """The scorer must rebuild the stored rows as Keras did when the bundle was made."""
+        """The scorer must rebuild the stored rows (or windows) as Keras did at training."""
         if PARITY_FILE not in self.manifest.files:
             return
         parity = msgspec.json.decode((self.path / PARITY_FILE).read_bytes(), type=Parity)

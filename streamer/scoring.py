@@ -10,14 +10,18 @@ import numpy as np
 
 class Scorer(Protocol):
     kind: str
+    n_features: int
+    # None: one row per event, x is (n, d). Else x is (n, window_length, d): each event's
+    # entity's last window_length rows (streamer/windows.py).
+    window_length: int | None
 
     def reconstruct(self, x: np.ndarray) -> np.ndarray:
-        """(n, d) float32 scaled features -> (n, d) reconstruction, in one model call."""
+        """Scaled float32 rows (n, d) or windows (n, L, d) -> the same shape, in one call."""
         ...
 
 
 def reconstruction_errors(x: np.ndarray, reconstructed: np.ndarray) -> np.ndarray:
-    """Per-feature squared errors, shape (n, d); an event's score is their mean."""
+    """Squared errors shaped like x, (n, d) or (n, L, d); an event's score is their mean."""
     diff = np.asarray(x, dtype=np.float64) - np.asarray(reconstructed, dtype=np.float64)
     return diff * diff
 
@@ -34,11 +38,13 @@ class KerasScorer:
 
         self.kind = kind
         self._model = model
-        width = int(model.inputs[0].shape[-1])
+        shape = tuple(model.inputs[0].shape)  # (None, d) or, for windows, (None, L, d)
+        width = int(shape[-1])
         self.n_features = width
+        self.window_length: int | None = int(shape[1]) if len(shape) == 3 else None
         self._call = tf.function(
             lambda x: model(x, training=False),
-            input_signature=[tf.TensorSpec([None, width], tf.float32)],
+            input_signature=[tf.TensorSpec([None, *shape[1:]], tf.float32)],
             reduce_retracing=True,
         )
 

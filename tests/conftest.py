@@ -21,7 +21,7 @@ import pytest
 
 from streamer import bundle as bundles
 from streamer.config import TrainingSettings
-from streamer.profiles import ORDERS
+from streamer.profiles import ORDERS, SENSORS
 from training.datasets import read_jsonl
 from training.fit import fit_bundle
 from training.simulate import simulate
@@ -72,6 +72,32 @@ def orders_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def orders_bundle(orders_registry: Path) -> bundles.Bundle:
     return bundles.load(orders_registry, expected_spec=ORDERS)
+
+
+@pytest.fixture(scope="session")
+def sensors_lstm_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small LSTM bundle over windows of clean simulated sensor readings (~10 s to train)."""
+    root = tmp_path_factory.mktemp("sensors-lstm-model")
+    events = root / "train.jsonl"
+    write_events(events, "sensors", count=4000, seed=101, anomaly_rate=0.0)
+    history = read_jsonl(SENSORS, events)
+    settings = TrainingSettings(
+        model="lstm",
+        window_length=10,
+        lstm_units=[16, 8],
+        epochs=10,
+        patience=3,
+        batch_size=64,
+        learning_rate=5e-3,
+        seed=7,
+    )
+    fit_bundle(SENSORS, history, settings, root / "registry", source=events.name)
+    return root / "registry"
+
+
+@pytest.fixture(scope="session")
+def sensors_lstm_bundle(sensors_lstm_registry: Path) -> bundles.Bundle:
+    return bundles.load(sensors_lstm_registry, expected_spec=SENSORS)
 
 
 def write_events(

@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
     sim.add_argument("--rate", type=float, default=0.0, help="events/s to topic (0: as fast)")
 
-    fit = sub.add_parser("fit", help="train a dense autoencoder and write a model bundle")
+    fit = sub.add_parser(
+        "fit", help="train a dense or LSTM autoencoder (training.model) and write a model bundle"
+    )
     fit.add_argument("--config", required=True, type=Path, help="the daemon's TOML settings")
     fit.add_argument("--events", required=True, type=Path, help="JSON-lines training history")
     fit.add_argument("--out", type=Path, help="registry dir (default: the config's model.bundle)")

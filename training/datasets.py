@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
 
+from streamer.aggregates import AggregateState
 from streamer.features import FeatureSpec, build_features, event_seconds
 
 log = logging.getLogger(__name__)
@@ -19,6 +22,9 @@ class History:
     features: np.ndarray  # (n, d) unscaled, in file order
     event_seconds: np.ndarray  # (n,) event time of each row
     rejected: int  # lines that did not decode or gave non-finite features
+    # The entity of each row (`spec.entity_field`), aligned with `features`: what windowed
+    # models group rows by. Empty where a caller did not collect them (dense models only).
+    keys: list[Hashable] = field(default_factory=list)
 
 
 def read_jsonl(spec: FeatureSpec, path: Path) -> History:
@@ -36,10 +42,23 @@ def read_jsonl(spec: FeatureSpec, path: Path) -> History:
                 rejected += 1
                 if rejected <= 5:
                     log.warning("%s:%d skipped: %s", path.name, number, exc)
-    x = build_features(spec, events)
-    seconds = np.array([event_seconds(spec, getattr(e, spec.time_field)) for e in events])
-    finite = np.isfinite(x).all(axis=1)
-    rejected += int((~finite).sum())
+    history = from_events(spec, events)
+    rejected += history.rejected
     if rejected:
         log.warning("%s: %d line(s) skipped in all", path.name, rejected)
-    return History(x[finite], seconds[finite], rejected)
+    return History(history.features, history.event_seconds, rejected, history.keys)
+
+
+def from_events(spec: FeatureSpec, events: Sequence[Any]) -> History:
+    """Decoded events, in stream order, -> features as the daemon builds them.
+
+    Per-entity aggregates run over the events in the order given (the daemon's order is the
+    partition's), with no entity cap: training sees every entity's full history.
+    """
+    state = AggregateState(spec, max_entities=max(1, len(events))) if spec.stateful else None
+    x = build_features(spec, events, state)
+    seconds = np.array([event_seconds(spec, getattr(e, spec.time_field)) for e in events])
+    keys = [getattr(e, spec.entity_field) for e in events]
+    finite = np.isfinite(x).all(axis=1)
+    kept = [k for k, ok in zip(keys, finite.tolist(), strict=True) if ok]
+    return History(x[finite], seconds[finite], int((~finite).sum()), kept)

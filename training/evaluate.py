@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -39,13 +39,13 @@ from streamer.config import (
     TrainingSettings,
     read_toml,
 )
-from streamer.features import FeatureSpec, build_features
+from streamer.features import FeatureSpec
 from streamer.records import Alert, RawMessage
 from streamer.smoothing import SmoothedThreshold, SmoothingSettings
 from training import nab
 from training.adapters import DataSettings, Series, load
 from training.baselines import BaselineSettings, b1, b2
-from training.datasets import History
+from training.datasets import History, from_events
 from training.quality import (
     EventCounts,
     PointCounts,
@@ -159,18 +159,16 @@ def features(spec: FeatureSpec, series: Series, start: int, stop: int) -> Histor
     fields = event_fields(spec)
     decoder = msgspec.json.Decoder(spec.event_type())
     encode = msgspec.json.Encoder().encode
-    events, seconds, rejected = [], [], 0
+    events, rejected = [], 0
     for i, row in enumerate(series.event_rows(fields, start, stop), start):
         try:
             events.append(decoder.decode(encode(row)))
-            seconds.append(series.seconds[i])
         except msgspec.DecodeError as exc:
             if not rejected:
                 log.warning("%s row %d does not decode: %s", series.name, i, exc)
             rejected += 1
-    x = build_features(spec, events)
-    ok = np.isfinite(x).all(axis=1)
-    return History(x[ok], np.asarray(seconds, dtype=np.float64)[ok], rejected + int((~ok).sum()))
+    history = from_events(spec, events)
+    return replace(history, rejected=rejected + history.rejected)
 
 
 def replay(pipeline: Any, series: Series, fields: list[str], batch_size: int, top: int) -> Run:

@@ -6,6 +6,7 @@ import logging
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,25 @@ import numpy as np
 from streamer import bundle as bundles
 from streamer.config import TrainingSettings
 from streamer.features import FeatureSpec
-from streamer.lean import NumpyDenseScorer
+from streamer.lean import NumpyDenseScorer, NumpyLSTMScorer
 from streamer.scaler import StandardScaler
 from streamer.scoring import reconstruction_errors
+from streamer.windows import sliding_windows
 from training.datasets import History
-from training.models import build_dense_autoencoder
+from training.models import build_dense_autoencoder, build_lstm_autoencoder
 
 log = logging.getLogger(__name__)
 WARM_START_QUANTILES = (0.5, 0.9, 0.99, 0.995, 0.999)
+
+
+@dataclass(frozen=True)
+class _Split:
+    """Scaled model inputs, split by `_dense_split` or `_window_split`."""
+
+    scaler: StandardScaler
+    x_train: np.ndarray
+    x_val: np.ndarray  # held out, in event order
+    data: dict[str, Any]  # for the manifest's data summary
 
 
 def fit_bundle(
@@ -34,7 +46,11 @@ def fit_bundle(
     source: str,
     verbose: int = 0,
 ) -> bundles.Bundle:
-    """Train on `history`, write `<registry>/<version>/`, point `<registry>/current` at it."""
+    """Train on `history`, write `<registry>/<version>/`, point `<registry>/current` at it.
+
+    `training.model` picks the model: "dense" scores one event's row, "lstm" the window of
+    its entity's last `training.window_length` rows (needs `history.keys`).
+    """
     import keras
 
     n = history.features.shape[0]
@@ -42,19 +58,22 @@ def fit_bundle(
         raise ValueError(f"{source}: {n} usable events; at least 100 are needed to train")
     started = time.monotonic()
     keras.utils.set_random_seed(training.seed)
-    rng = np.random.default_rng(training.seed)
-    order = rng.permutation(n)
-    n_val = max(1, int(n * training.validation_split))
-    val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
-
     names = spec.feature_names()
-    scaler = StandardScaler.fit(history.features[train_idx], spec.standardized(), names)
-    x_train = scaler.transform(history.features[train_idx])
-    x_val = scaler.transform(history.features[val_idx])
-
-    model = build_dense_autoencoder(
-        len(names), training.hidden_units, training.bottleneck, training.learning_rate
-    )
+    window_length: int | None = None
+    if training.model == "lstm":
+        window_length = training.window_length
+        split = _window_split(spec, history, training, source)
+        model = build_lstm_autoencoder(
+            len(names), window_length, training.lstm_units, training.learning_rate
+        )
+        parity_size = 8
+    else:
+        split = _dense_split(spec, history, training)
+        model = build_dense_autoencoder(
+            len(names), training.hidden_units, training.bottleneck, training.learning_rate
+        )
+        parity_size = 16
+    x_train, x_val = split.x_train, split.x_val
     stop = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=training.patience, restore_best_weights=True
     )
@@ -71,28 +90,35 @@ def fit_bundle(
         k: [float(v) for v in vs] for k, vs in fitted.history.items()
     }
     # Held-out errors, in event order: what the live stream should look like to the threshold.
-    val_scores = reconstruction_errors(x_val, model.predict(x_val, verbose=0)).mean(axis=1)
+    # An event's score is the mean over its row's (or window's) features and steps.
+    per_input = tuple(range(1, x_val.ndim))
+    val_scores = reconstruction_errors(x_val, model.predict(x_val, verbose=0)).mean(axis=per_input)
     quantiles = {str(q): float(np.quantile(val_scores, q)) for q in WARM_START_QUANTILES}
 
     registry.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry))
     try:
         model.save(staging / bundles.MODEL_FILE)
-        NumpyDenseScorer.save_from_keras(model, staging / bundles.DENSE_WEIGHTS_FILE)
-        sample = x_val[:16]
+        weights = staging / bundles.NUMPY_WEIGHTS[training.model]
+        if training.model == "lstm":
+            NumpyLSTMScorer.save_from_keras(model, weights)
+        else:
+            NumpyDenseScorer.save_from_keras(model, weights)
+        sample = x_val[:parity_size]
         parity = bundles.Parity(sample.tolist(), model.predict(sample, verbose=0).tolist())
         (staging / bundles.PARITY_FILE).write_bytes(msgspec.json.encode(parity))
-        (staging / bundles.SCALER_FILE).write_bytes(scaler.to_json())
+        (staging / bundles.SCALER_FILE).write_bytes(split.scaler.to_json())
         (staging / bundles.SPEC_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(spec)))
         warm = bundles.WarmStart(errors=val_scores.tolist(), quantiles=quantiles)
         (staging / bundles.THRESHOLD_FILE).write_bytes(msgspec.json.encode(warm))
         best = int(np.argmin(history_dict["val_loss"]))
         manifest = bundles.write_manifest(
             staging,
-            model_kind="dense",
+            model_kind=training.model,
+            window_length=window_length,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             feature_names=names,
-            data=_data_summary(history, source, n_train=train_idx.size, n_val=n_val),
+            data={"source": source, **split.data},
             training={
                 "settings": msgspec.to_builtins(training),
                 "epochs_run": len(history_dict["loss"]),
@@ -113,17 +139,69 @@ def fit_bundle(
         raise
     bundles.set_current(registry, manifest.version)
     log.info(
-        "bundle %s: %d events, %d epochs, val loss %.4g, p99.9 held-out error %.4g",
-        manifest.version, n, len(history_dict["loss"]), history_dict["val_loss"][best],
-        quantiles["0.999"],
+        "bundle %s (%s): %d events, %d epochs, val loss %.4g, p99.9 held-out error %.4g",
+        manifest.version, training.model, n, len(history_dict["loss"]),
+        history_dict["val_loss"][best], quantiles["0.999"],
     )  # fmt: skip
     return bundles.load(target, expected_spec=spec)
 
 
-def _data_summary(history: History, source: str, n_train: int, n_val: int) -> dict[str, Any]:
+def _dense_split(spec: FeatureSpec, history: History, training: TrainingSettings) -> _Split:
+    """Rows, a random share held out (rows are independent of each other)."""
+    n = history.features.shape[0]
+    rng = np.random.default_rng(training.seed)
+    order = rng.permutation(n)
+    n_val = max(1, int(n * training.validation_split))
+    val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
+    scaler = StandardScaler.fit(
+        history.features[train_idx], spec.standardized(), spec.feature_names()
+    )
+    return _Split(
+        scaler,
+        scaler.transform(history.features[train_idx]),
+        scaler.transform(history.features[val_idx]),
+        _data_summary(history, n_train=train_idx.size, n_val=n_val),
+    )
+
+
+def _window_split(
+    spec: FeatureSpec, history: History, training: TrainingSettings, source: str
+) -> _Split:
+    """Windows of each entity's scaled rows (streamer/windows.py, as the daemon builds them),
+    the last `validation_split` share of them held out."""
+    n, length = history.features.shape[0], training.window_length
+    if len(history.keys) != n:
+        raise ValueError(
+            f"{source}: an LSTM model needs the entity key of every row "
+            f"({len(history.keys)} keys for {n} rows)"
+        )
+    # Which rows complete a window depends on the keys alone (zero features: no copies), so
+    # the split is known before the scaler is fitted.
+    _, ends = sliding_windows(history.keys, np.empty((n, 0), np.float32), length)
+    m = ends.size
+    if m < 100:
+        raise ValueError(
+            f"{source}: {m} windows of {length} rows; at least 100 are needed to train"
+        )
+    # Hold out the last windows in event order, not a random share: windows of one entity
+    # overlap in length - 1 rows, so random validation windows would be near-copies of
+    # training ones, and early stopping would not see overfitting. Later-in-time validation
+    # is also what serving looks like. The scaler sees only the rows before the first
+    # held-out window's last row: every training window, no held-out one.
+    n_val = max(1, int(m * training.validation_split))
+    boundary = int(ends[m - n_val])
+    scaler = StandardScaler.fit(
+        history.features[:boundary], spec.standardized(), spec.feature_names()
+    )
+    windows, _ = sliding_windows(history.keys, scaler.transform(history.features), length)
+    data = _data_summary(history, n_train=boundary, n_val=n - boundary)
+    data["windows"] = {"length": length, "train": m - n_val, "validation": n_val}
+    return _Split(scaler, windows[: m - n_val], windows[m - n_val :], data)
+
+
+def _data_summary(history: History, n_train: int, n_val: int) -> dict[str, Any]:
     x = history.features
     return {
-        "source": source,
         "events": int(x.shape[0]),
         "rejected": history.rejected,
         "train_events": n_train,

@@ -22,3 +22,27 @@ def build_dense_autoencoder(
     model = keras.Model(inputs, outputs, name="dense_autoencoder")
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
     return model
+
+
+def build_lstm_autoencoder(
+    n_features: int, window_length: int, units: list[int], learning_rate: float
+) -> Any:
+    """LSTM encoder to one vector, repeated per step, mirrored LSTM decoder, linear output.
+
+    Default tanh/sigmoid activations and no dropout, so the numpy runtime
+    (streamer/lean.py: NumpyLSTMScorer) can rebuild the forward pass exactly.
+    """
+    import keras
+
+    inputs = keras.Input(shape=(window_length, n_features), name="windows")
+    x = inputs
+    for i, size in enumerate(units):
+        # All but the last encoder layer hand the whole sequence on; the last one summarises.
+        x = keras.layers.LSTM(size, return_sequences=i < len(units) - 1, name=f"encode_{i}")(x)
+    x = keras.layers.RepeatVector(window_length, name="repeat")(x)
+    for i, size in enumerate(reversed(units)):
+        x = keras.layers.LSTM(size, return_sequences=True, name=f"decode_{i}")(x)
+    outputs = keras.layers.Dense(n_features, activation="linear", name="reconstruction")(x)
+    model = keras.Model(inputs, outputs, name="lstm_autoencoder")
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
+    return model

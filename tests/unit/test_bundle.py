@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from streamer import bundle as bundles
+from streamer.config import TrainingSettings
 from streamer.profiles import ORDERS, SENSORS
+from training.datasets import History
+from training.fit import fit_bundle
 
 
 def copy_bundle(src: bundles.Bundle, tmp_path: Path) -> Path:
@@ -25,7 +28,66 @@ def test_registry_current_and_contents(orders_registry: Path) -> None:
     assert b.manifest.training["epochs_run"] >= 1
     assert b.warm_start.size == 3000  # the 15% held out, in event order
     assert np.all(b.warm_start >= 0)
-    assert set(b.manifest.files) == {*bundles.CONTENT_FILES, *bundles.OPTIONAL_FILES}
+    assert set(b.manifest.files) == {
+        *bundles.CONTENT_FILES,
+        bundles.DENSE_WEIGHTS_FILE,
+        bundles.PARITY_FILE,
+    }
+    assert b.window_length is None
+
+
+def test_lstm_bundle_contents(sensors_lstm_registry: Path) -> None:
+    b = bundles.load(sensors_lstm_registry, expected_spec=SENSORS)
+    assert b.kind == "lstm" and b.window_length == 10
+    assert set(b.manifest.files) == {
+        *bundles.CONTENT_FILES,
+        bundles.LSTM_WEIGHTS_FILE,
+        bundles.PARITY_FILE,
+    }
+    windows = b.manifest.data["windows"]
+    # 4000 readings of 20 sensors: each sensor's first 9 complete no window.
+    assert windows["train"] + windows["validation"] == 4000 - 20 * 9
+    assert windows["validation"] == int(0.15 * (4000 - 20 * 9))
+    assert b.warm_start.size == windows["validation"]  # one score per held-out window
+    assert b.manifest.training["settings"]["model"] == "lstm"
+    parity = msgspec.json.decode((b.path / bundles.PARITY_FILE).read_bytes(), type=bundles.Parity)
+    assert np.array(parity.inputs).shape == (8, 10, len(SENSORS.feature_names()))
+
+
+def test_manifest_written_before_window_length_still_loads(
+    orders_bundle: bundles.Bundle, tmp_path: Path
+) -> None:
+    path = copy_bundle(orders_bundle, tmp_path)
+    manifest = msgspec.json.decode((path / bundles.MANIFEST_FILE).read_bytes())
+    del manifest["window_length"]
+    (path / bundles.MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
+    b = bundles.load(path)
+    assert b.window_length is None
+    assert b.load_scorer().window_length is None
+
+
+def test_unknown_model_kind_has_no_numpy_runtime(
+    orders_bundle: bundles.Bundle, tmp_path: Path
+) -> None:
+    path = copy_bundle(orders_bundle, tmp_path)
+    manifest = msgspec.json.decode((path / bundles.MANIFEST_FILE).read_bytes())
+    manifest["model_kind"] = "transformer"
+    (path / bundles.MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
+    with pytest.raises(bundles.BundleError, match="model_kind 'transformer' has no numpy runtime"):
+        bundles.load(path).load_scorer("numpy")
+
+
+def test_lstm_training_refuses_too_few_windows_or_missing_keys(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, len(SENSORS.feature_names())))
+    seconds = np.arange(300.0)
+    settings = TrainingSettings(model="lstm", window_length=10, epochs=1)
+    few = History(x, seconds, 0, [f"s-{i % 30}" for i in range(300)])  # 10 rows per sensor
+    with pytest.raises(ValueError, match="30 windows of 10 rows; at least 100"):
+        fit_bundle(SENSORS, few, settings, tmp_path / "registry", source="few")
+    with pytest.raises(ValueError, match="needs the entity key of every row"):
+        fit_bundle(SENSORS, History(x, seconds, 0), settings, tmp_path / "registry", source="x")
+    assert not (tmp_path / "registry").exists()
 
 
 def test_tampered_file_is_refused(orders_bundle: bundles.Bundle, tmp_path: Path) -> None:
