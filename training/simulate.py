@@ -22,7 +22,9 @@ import numpy as np
 from streamer.profiles import COUNTRIES
 
 ORDER_ANOMALIES = ("amount_spike", "bulk_items", "discount_abuse", "shipping_mismatch")
-SENSOR_ANOMALIES = ("spike", "combination", "drift", "stuck")
+# drift, stuck and oscillation span many readings; oscillation is collective: each reading
+# is a normal operating point of some sensor, only the sequence is wrong.
+SENSOR_ANOMALIES = ("spike", "combination", "drift", "stuck", "oscillation")
 EPOCH_2026 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
 
 
@@ -40,14 +42,22 @@ def simulate(
     start_seconds: float | None = None,
     mean_gap_seconds: float = 2.0,
     live_clock: bool = False,
+    kinds: tuple[str, ...] | None = None,
 ) -> Iterator[tuple[dict[str, Any], Label]]:
-    """Endless (event, label) stream. `live_clock` stamps events with the wall clock."""
+    """Endless (event, label) stream. `live_clock` stamps events with the wall clock;
+    `kinds` limits the anomalies injected to these kinds (default: all of the profile's)."""
     rng = np.random.default_rng(seed)
     start = EPOCH_2026 if start_seconds is None else start_seconds
+    known = ORDER_ANOMALIES if profile == "orders" else SENSOR_ANOMALIES
+    unknown = set(kinds or ()) - set(known)
+    if unknown:
+        raise ValueError(
+            f"unknown {profile} anomaly kind(s) {sorted(unknown)}: choose from {known}"
+        )
     if profile == "orders":
-        return _orders(rng, anomaly_rate, start, mean_gap_seconds, live_clock)
+        return _orders(rng, anomaly_rate, start, mean_gap_seconds, live_clock, kinds or known)
     if profile == "sensors":
-        return _sensors(rng, anomaly_rate, start, live_clock)
+        return _sensors(rng, anomaly_rate, start, live_clock, kinds or known)
     raise ValueError(f"unknown profile {profile!r}: choose orders or sensors")
 
 
@@ -72,7 +82,12 @@ _PAYMENTS = ("card", "paypal", "bank_transfer", "gift_card")
 
 
 def _orders(
-    rng: np.random.Generator, rate: float, start: float, gap: float, live: bool
+    rng: np.random.Generator,
+    rate: float,
+    start: float,
+    gap: float,
+    live: bool,
+    kinds: tuple[str, ...],
 ) -> Iterator[tuple[dict[str, Any], Label]]:
     n_customers = 2000
     segments = rng.choice(list(_SEGMENTS), size=n_customers, p=[0.4, 0.45, 0.15])
@@ -94,7 +109,7 @@ def _orders(
         country = str(homes[c])
         kind = "normal"
         if rng.random() < rate:
-            kind = str(rng.choice(ORDER_ANOMALIES))
+            kind = str(rng.choice(kinds))
             if kind == "amount_spike":
                 unit *= float(rng.uniform(50, 150))
             elif kind == "bulk_items":
@@ -133,7 +148,7 @@ def _shipping(method: str, country: str, items: int, amount: float) -> float:
 
 
 def _sensors(
-    rng: np.random.Generator, rate: float, start: float, live: bool
+    rng: np.random.Generator, rate: float, start: float, live: bool, kinds: tuple[str, ...]
 ) -> Iterator[tuple[dict[str, Any], Label]]:
     n_sensors = 20
     base_rpm = rng.uniform(1200, 3000, size=n_sensors)
@@ -148,19 +163,16 @@ def _sensors(
         if s == 0:
             t = _now() if live else t + 1.0
         rpm = base_rpm[s] * (1 + 0.03 * math.sin(t / 600 + phase[s])) + rng.normal(0, 15)
-        reading = {
-            "rpm": rpm,
-            "temperature": 30 + 0.012 * rpm + rng.normal(0, 0.8),
-            "pressure": 2 + 0.0015 * rpm + rng.normal(0, 0.05),
-            "vibration": 0.5 + 0.0004 * rpm + rng.normal(0, 0.05),
-            "current": 5 + 0.004 * rpm + rng.normal(0, 0.3),
-        }
+        reading = _operating_point(rng, rpm)
         kind = "normal"
         if s in ongoing:
             kind, left, state = ongoing[s]
             if kind == "drift":
                 state["offset"] += 0.25
                 reading["temperature"] += state["offset"]
+            elif kind == "oscillation":
+                state["up"] = 1.0 - state["up"]
+                reading = _operating_point(rng, rpm + state["up"] * state["swing"])
             else:  # stuck: the same values as when it stuck
                 reading = {k: state[k] for k in reading}
             if left > 1:
@@ -168,7 +180,7 @@ def _sensors(
             else:
                 del ongoing[s]
         elif rng.random() < rate:
-            kind = str(rng.choice(SENSOR_ANOMALIES))
+            kind = str(rng.choice(kinds))
             if kind == "spike":
                 field = str(rng.choice(["temperature", "pressure", "vibration", "current"]))
                 sigma = {"temperature": 0.8, "pressure": 0.05, "vibration": 0.05, "current": 0.3}
@@ -180,8 +192,14 @@ def _sensors(
             elif kind == "drift":
                 ongoing[s] = ("drift", 40, {"offset": 4.0})
                 reading["temperature"] += 4.0
-            else:
+            elif kind == "stuck":
                 ongoing[s] = ("stuck", 30, dict(reading))
+            else:
+                # Hunting speed control: every other reading the shaft runs 400 rpm off,
+                # towards the middle of the fleet's range, so each point stays a normal one.
+                swing = 400.0 if base_rpm[s] < 2100 else -400.0
+                ongoing[s] = ("oscillation", 19, {"up": 1.0, "swing": swing})
+                reading = _operating_point(rng, rpm + swing)
         event = {
             "reading_id": f"r-{n:09d}",
             "sensor_id": f"s-{s:02d}",
@@ -189,6 +207,17 @@ def _sensors(
             **{k: round(float(v), 4) for k, v in reading.items()},
         }
         yield event, Label(str(event["reading_id"]), kind != "normal", kind)
+
+
+def _operating_point(rng: np.random.Generator, rpm: float) -> dict[str, float]:
+    """A healthy reading at this shaft speed: the other quantities follow rpm, plus noise."""
+    return {
+        "rpm": rpm,
+        "temperature": 30 + 0.012 * rpm + rng.normal(0, 0.8),
+        "pressure": 2 + 0.0015 * rpm + rng.normal(0, 0.05),
+        "vibration": 0.5 + 0.0004 * rpm + rng.normal(0, 0.05),
+        "current": 5 + 0.004 * rpm + rng.normal(0, 0.3),
+    }
 
 
 def _iso(seconds: float) -> str:
