@@ -16,7 +16,7 @@ from types import FrameType
 from typing import Any
 
 import numpy as np
-from kafka import ConsumerRebalanceListener, KafkaConsumer
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
@@ -34,6 +34,7 @@ from streamer.kafka_io import StartupError
 from streamer.metrics import REJECT_REASONS, Heartbeat, Metrics, StatusServer
 from streamer.pipeline import BatchResult, Pipeline
 from streamer.records import ModelRef, RawMessage
+from streamer.state import EntityState
 from streamer.threshold import RollingQuantileThreshold
 
 log = logging.getLogger("streamer")
@@ -47,7 +48,7 @@ BACKOFF_START_SECONDS = 0.5
 def build_pipeline(settings: Settings, bundle: bundles.Bundle, scorer: Any) -> Pipeline:
     t = settings.threshold
     threshold = RollingQuantileThreshold(
-        t.window_size, t.quantile, t.min_samples, bundle.warm_start
+        t.window_size, t.quantile, t.min_samples, bundle.warm_start, learn=t.learn
     )
     return Pipeline(
         spec=bundle.spec,
@@ -57,6 +58,7 @@ def build_pipeline(settings: Settings, bundle: bundles.Bundle, scorer: Any) -> P
         model=ModelRef(bundle.version, bundle.kind),
         top_features=settings.alerts.top_features,
         max_message_bytes=settings.alerts.max_message_bytes,
+        state=EntityState.build(settings, bundle.spec, scorer.window_length),
     )
 
 
@@ -91,6 +93,10 @@ class Detector:
         self._pipeline: Pipeline | None = None
         self._bundle: bundles.Bundle | None = None
         self._refused_version: str | None = None
+        # Per-entity state follows partition ownership: cleared when partitions are revoked,
+        # rebuilt for the assigned ones before their first batch (see _rebuild_state).
+        self._clear_state = False
+        self._restore: set[TopicPartition] = set()
         self._backoff = Backoff(settings.kafka.retry_backoff_max_seconds)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -125,7 +131,8 @@ class Detector:
         bundle = bundles.load(path, expected_spec=self.settings.spec)
         scorer = bundle.load_scorer(self.settings.model.runtime)
         # Trace the model's graph now, so the first batch does not pay for it after /readyz.
-        scorer.reconstruct(np.zeros((1, len(bundle.spec.feature_names())), dtype=np.float32))
+        steps = (scorer.window_length,) if scorer.window_length else ()
+        scorer.reconstruct(np.zeros((1, *steps, scorer.n_features), dtype=np.float32))
         return bundle, scorer
 
     def _serve(self, bundle: bundles.Bundle, scorer: Any) -> None:
@@ -133,6 +140,8 @@ class Detector:
         if self._bundle is not None:
             self.metrics.model_info.remove(*_info_labels(self._bundle))
         self._pipeline = build_pipeline(self.settings, bundle, scorer)
+        if self._consumer is not None:  # a reload: the new pipeline starts without state
+            self._restore = set(self._consumer.assignment())
         self._bundle = bundle
         self.metrics.model_info.labels(*_info_labels(bundle)).set(1)
         log.info(
@@ -224,6 +233,13 @@ class Detector:
                 except KafkaError as exc:  # kafka-python retries itself; some errors escape
                     self._wait_after_failure(f"poll: {exc}")
                     continue
+                if self._clear_state or self._restore:
+                    try:
+                        self._rebuild_state(consumer, polled)
+                    except KafkaError as exc:
+                        self._buffer = []  # replayed from the committed offsets instead
+                        self._wait_after_failure(f"state restore: {exc}")
+                        continue
                 if polled:
                     if not self._buffer:
                         deadline = time.monotonic() + batch.max_wait_seconds
@@ -262,6 +278,52 @@ class Detector:
         if self._pipeline is not None:
             self._log_status()
 
+    # -- per-entity state ------------------------------------------------------------------
+
+    def _rebuild_state(self, consumer: KafkaConsumer, polled: dict[Any, list[Any]]) -> None:
+        """Clear the state of revoked partitions and rebuild that of newly assigned ones.
+
+        Each assigned partition's tail, up to `state.restore_events` messages before the
+        first one not yet scored, is re-read with a group-less consumer and replayed through
+        the pipeline in replay mode (state only: no alerts, no commits, global threshold
+        untouched). A failure leaves the restore pending; it is retried after a back-off.
+        """
+        assert self._pipeline is not None
+        state = self._pipeline.state
+        if self._clear_state:
+            state.clear()
+            self._clear_state = False
+        pending = self._restore & consumer.assignment()
+        if not pending or not state.needs_history or not self.settings.state.restore_events:
+            self._restore = set()
+            return
+        started = time.monotonic()
+        first: dict[TopicPartition, int] = {}
+        for m in self._buffer:
+            tp = TopicPartition(m.topic, m.partition)
+            first[tp] = min(first.get(tp, m.offset), m.offset)
+        for tp, records in polled.items():
+            if records:
+                first[tp] = min(first.get(tp, records[0].offset), records[0].offset)
+        ends = {tp: first[tp] if tp in first else consumer.position(tp) for tp in pending}
+        s = self.settings
+        tails = kafka_io.read_tails(
+            s.kafka, ends, s.state.restore_events, s.state.restore_timeout_seconds
+        )
+        events = 0
+        for messages in tails.values():
+            for i in range(0, len(messages), s.batch.max_batch_size):
+                self._pipeline.process(messages[i : i + s.batch.max_batch_size], replay=True)
+            events += len(messages)
+        self._restore = set()
+        seconds = time.monotonic() - started
+        self.metrics.record_restore(len(pending), events, seconds)
+        self.metrics.record_state(state)
+        log.info(
+            "state restored for %d partition(s) from %d earlier event(s) in %.2fs",
+            len(pending), events, seconds,
+        )  # fmt: skip
+
     # -- one batch -------------------------------------------------------------------------
 
     def flush_batch(
@@ -279,6 +341,7 @@ class Detector:
             messages, self._buffer = self._buffer, []
             result = self._pipeline.process(messages)
             self.metrics.record_batch(result)
+            self.metrics.record_state(self._pipeline.state)
             try:
                 self._outbox.add(result, kafka_io.next_offsets(messages))
             except Rebalanced as exc:
@@ -387,7 +450,11 @@ class _Rebalance(ConsumerRebalanceListener):
         d._buffer = []
         if d._outbox is not None:
             d._outbox.drop()
+        # The per-entity state has seen the dropped work too: the main loop clears it (this
+        # thread must not touch it mid-batch) and restores whatever it is assigned next.
+        d._clear_state = True
         self.detector.metrics.forget_partitions([(tp.topic, tp.partition) for tp in revoked])
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+        self.detector._restore = set(assigned)

@@ -136,6 +136,14 @@ class ThresholdSettings(_Section, frozen=True):
     quantile: float = 0.999
     window_size: int = 10_000
     min_samples: int = 500
+    # false: keep the bundle's warm-start threshold and never learn from live scores, so
+    # decisions do not depend on batch boundaries or on which replica scored what.
+    learn: bool = True
+    # One rolling quantile per entity (same quantile), used once the entity has
+    # entity_min_samples scores; the global threshold judges it until then.
+    per_entity: bool = False
+    entity_window_size: int = 200  # scores kept per entity: 8 bytes each
+    entity_min_samples: int = 50
 
     def __post_init__(self) -> None:
         if not 0.0 < self.quantile < 1.0:
@@ -144,6 +152,30 @@ class ThresholdSettings(_Section, frozen=True):
             raise ValueError("threshold.window_size must be >= 1")
         if not 0 <= self.min_samples <= self.window_size:
             raise ValueError("threshold.min_samples must be in [0, threshold.window_size]")
+        if not 1 <= self.entity_min_samples <= self.entity_window_size:
+            raise ValueError(
+                "threshold.entity_min_samples must be in [1, threshold.entity_window_size]"
+            )
+
+
+class StateSettings(_Section, frozen=True):
+    """Per-entity state: LSTM windows, aggregate features, per-entity thresholds."""
+
+    # Entities kept per kind of state; the least recently seen is evicted beyond it.
+    max_entities: int = 100_000
+    # On every partition assignment (start, restart, rebalance) the state of the partition's
+    # entities is rebuilt by re-reading up to this many messages before the committed offset.
+    # Exact when every entity's needed history lies within that tail; 0 turns it off.
+    restore_events: int = 10_000
+    restore_timeout_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_entities < 1:
+            raise ValueError("state.max_entities must be >= 1")
+        if self.restore_events < 0:
+            raise ValueError("state.restore_events must be >= 0")
+        if self.restore_timeout_seconds <= 0:
+            raise ValueError("state.restore_timeout_seconds must be > 0")
 
 
 class AlertSettings(_Section, frozen=True):
@@ -173,6 +205,12 @@ class TrainingSettings(_Section, frozen=True):
     patience: int = 4
     learning_rate: float = 1e-3
     seed: int = 7
+    # "dense": one event's features in, the same out. "lstm": an entity's last
+    # `window_length` events in (training/models.py: build_lstm_autoencoder).
+    model: Literal["dense", "lstm"] = "dense"
+    window_length: int = 30
+    # LSTM encoder sizes; the decoder mirrors them ([64, 32] -> 64-32-32-64).
+    lstm_units: list[int] = msgspec.field(default_factory=lambda: [64, 32])
 
     def __post_init__(self) -> None:
         if not self.hidden_units or min(self.hidden_units) < 1 or self.bottleneck < 1:
@@ -181,6 +219,13 @@ class TrainingSettings(_Section, frozen=True):
             raise ValueError("training.validation_split must be in (0, 0.5)")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("training.epochs and training.batch_size must be >= 1")
+        # msgspec checks the Literal when decoding a config, not when built in Python.
+        if self.model not in ("dense", "lstm"):
+            raise ValueError(f'training.model must be "dense" or "lstm", not {self.model!r}')
+        if self.window_length < 2:
+            raise ValueError("training.window_length must be >= 2")
+        if not self.lstm_units or min(self.lstm_units) < 1:
+            raise ValueError("training.lstm_units must be a non-empty list of sizes >= 1")
 
 
 class Settings(_Section, frozen=True):
@@ -190,6 +235,7 @@ class Settings(_Section, frozen=True):
     features: FeatureSpec | None = None
     batch: BatchSettings = msgspec.field(default_factory=BatchSettings)
     threshold: ThresholdSettings = msgspec.field(default_factory=ThresholdSettings)
+    state: StateSettings = msgspec.field(default_factory=StateSettings)
     alerts: AlertSettings = msgspec.field(default_factory=AlertSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     training: TrainingSettings = msgspec.field(default_factory=TrainingSettings)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from streamer.config import KafkaSettings
@@ -154,3 +155,53 @@ def coordinator_in_touch(consumer: KafkaConsumer, within_seconds: float = 10.0) 
     group = consumer.metrics().get("consumer-coordinator-metrics", {})
     ago = group.get("last-heartbeat-seconds-ago")
     return ago is not None and ago < within_seconds
+
+
+def read_tails(
+    kafka: KafkaSettings, ends: dict[TopicPartition, int], count: int, timeout_seconds: float
+) -> dict[TopicPartition, list[RawMessage]]:
+    """Up to `count` messages before offset `ends[tp]` of each partition, in offset order.
+
+    Read with a consumer outside any group (no offsets committed, no rebalance triggered).
+    Raises KafkaTimeoutError when the tails are not read within `timeout_seconds`.
+    """
+    out: dict[TopicPartition, list[Any]] = {tp: [] for tp in ends}
+    if not ends or count <= 0:
+        return {}
+    consumer = KafkaConsumer(
+        **common_options(kafka),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        max_poll_records=kafka.max_poll_records,
+        fetch_max_bytes=kafka.fetch_max_bytes,
+        max_partition_fetch_bytes=kafka.max_partition_fetch_bytes,
+    )
+    try:
+        partitions = list(ends)
+        consumer.assign(partitions)
+        begin = consumer.beginning_offsets(partitions)
+        todo: dict[TopicPartition, int] = {}
+        for tp in partitions:
+            start = max(begin[tp], ends[tp] - count)
+            if start < ends[tp]:
+                consumer.seek(tp, start)
+                todo[tp] = ends[tp]
+        consumer.pause(*[tp for tp in partitions if tp not in todo])
+        deadline = time.monotonic() + timeout_seconds
+        while todo:
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(
+                    f"state restore: tails of {sorted(map(str, todo))} not read in "
+                    f"{timeout_seconds}s"
+                )
+            for tp, records in consumer.poll(timeout_ms=200).items():
+                if tp in todo:
+                    out[tp].extend(r for r in records if r.offset < todo[tp])
+            # Transaction markers and compaction leave offset gaps: go by position.
+            for tp in [tp for tp, end in todo.items() if consumer.position(tp) >= end]:
+                consumer.pause(tp)
+                del todo[tp]
+    finally:
+        consumer.close()
+    return {tp: to_raw(records) for tp, records in out.items() if records}

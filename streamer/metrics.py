@@ -17,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from streamer import delivery, pipeline
 from streamer.pipeline import BatchResult
+from streamer.state import EntityState
 
 SCORE_QUANTILES = (0.5, 0.9, 0.99, 0.999)
 STAGE_NAMES = (*pipeline.STAGES, *delivery.STAGES)
@@ -98,6 +99,39 @@ class Metrics:
         )
         for outcome in ("retried", "rebalanced"):
             self.delivery_failures.labels(outcome)
+        self.held_back = Counter(
+            "anomaly_events_held_back",
+            "Valid events not scored because their entity's window was not full yet",
+            registry=registry,
+        )
+        self.state_entities = Gauge(
+            "anomaly_state_entities",
+            "Entities held in keyed state, by kind (aggregates, windows, thresholds)",
+            ["kind"],
+            registry=registry,
+        )
+        self.state_evictions = Counter(
+            "anomaly_state_evictions",
+            "Entities evicted from keyed state: idle (no effect on scores) or capacity",
+            ["kind", "reason"],
+            registry=registry,
+        )
+        self._evictions_seen: dict[tuple[str, str], int] = {}
+        self.restores = Counter(
+            "anomaly_state_restores",
+            "Partitions whose entity state was rebuilt from their tail after an assignment",
+            registry=registry,
+        )
+        self.restored_events = Counter(
+            "anomaly_state_restored_events",
+            "Events re-read and replayed into keyed state by restores",
+            registry=registry,
+        )
+        self.restore_seconds = Counter(
+            "anomaly_state_restore_seconds",
+            "Time spent rebuilding keyed state (scoring waits meanwhile)",
+            registry=registry,
+        )
 
     def forget_partitions(self, partitions: list[tuple[str, int]]) -> None:
         """Drop lag series of partitions this replica no longer owns (no stale values)."""
@@ -109,11 +143,29 @@ class Metrics:
         for stage, seconds in stages.items():
             self.batch_seconds.labels(stage).observe(seconds)
 
+    def record_state(self, state: EntityState) -> None:
+        """Entities held and evicted per kind of keyed state (a few dict reads per batch)."""
+        for kind, n in state.entities().items():
+            self.state_entities.labels(kind).set(n)
+        for (kind, reason), total in state.evictions().items():
+            seen = self._evictions_seen.get((kind, reason), 0)
+            if total > seen:
+                self.state_evictions.labels(kind, reason).inc(total - seen)
+            # A new pipeline (hot reload) restarts its totals from zero.
+            self._evictions_seen[(kind, reason)] = total
+
+    def record_restore(self, partitions: int, events: int, seconds: float) -> None:
+        self.restores.inc(partitions)
+        self.restored_events.inc(events)
+        self.restore_seconds.inc(seconds)
+
     def record_batch(self, result: BatchResult) -> None:
         self.batches.inc()
         self.consumed.inc(result.consumed)
         self.batch_size.observe(result.consumed)
         self.scored.inc(result.scores.size)
+        if result.held_back:
+            self.held_back.inc(result.held_back)
         self.alerts.inc(len(result.alerts))
         if result.dead_letters:
             counts: dict[str, int] = {}

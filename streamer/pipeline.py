@@ -1,4 +1,9 @@
-"""One micro-batch in, alerts and dead letters out. No I/O: the app does Kafka around it."""
+"""One micro-batch in, alerts and dead letters out. No I/O: the app does Kafka around it.
+
+With a windowed (LSTM) model an event is scored by the window of its entity's last
+`window_length` rows that it completes; an event whose entity has fewer rows so far is held
+back (counted, not scored, its offset committed like any other) until the window fills.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from streamer.records import (
 )
 from streamer.scaler import StandardScaler
 from streamer.scoring import Scorer, reconstruction_errors
+from streamer.state import EntityState
 from streamer.threshold import RollingQuantileThreshold
 
 STAGES = ("decode", "features", "scale", "score", "threshold", "explain")
@@ -34,9 +40,11 @@ class BatchResult:
     consumed: int
     alerts: list[Alert]
     dead_letters: list[DeadLetter]
-    scores: np.ndarray  # one per scored (valid) event, in input order
-    threshold: float  # the value the batch was judged against
+    scores: np.ndarray  # one per scored event, in input order
+    threshold: float  # the global value the batch was judged against
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    scored: list[RawMessage] = field(default_factory=list)  # the message of each score
+    held_back: int = 0  # valid events whose entity window is not full yet
 
 
 class Pipeline:
@@ -51,6 +59,7 @@ class Pipeline:
         model: ModelRef,
         top_features: int = 3,
         max_message_bytes: int = 1_000_000,
+        state: EntityState | None = None,
     ) -> None:
         self.spec = spec
         self.scaler = scaler
@@ -59,16 +68,19 @@ class Pipeline:
         self.model = model
         self.top_features = top_features
         self.max_message_bytes = max_message_bytes
+        self.state = state or EntityState()
         self._decoder = msgspec.json.Decoder(spec.event_type())
         self._names = spec.feature_names()
         self._unit_names = spec.unit_names()
 
-    def process(self, messages: Sequence[RawMessage]) -> BatchResult:
+    def process(self, messages: Sequence[RawMessage], replay: bool = False) -> BatchResult:
+        """Score a batch. `replay`: only rebuild per-entity state (no alerts, global
+        threshold untouched), for messages this replica re-reads after a partition move."""
         clock = time.perf_counter
         t0 = clock()
         events, kept, dead = self._decode(messages)
         t1 = clock()
-        raw = build_features(self.spec, events)
+        raw = build_features(self.spec, events, self.state.aggregates)
         t2 = clock()
         x = self.scaler.transform(raw)
         # Checked after scaling: a huge but finite value can still overflow float32.
@@ -80,21 +92,44 @@ class Pipeline:
             raw, x = raw[finite], x[finite]
             events = [e for e, ok in zip(events, finite, strict=True) if ok]
             kept = [m for m, ok in zip(kept, finite, strict=True) if ok]
+        keys = [getattr(e, self.spec.entity_field) for e in events]
+        rows = np.arange(len(events))
+        model_input: np.ndarray = x
+        if self.state.windows is not None:
+            model_input, rows = self.state.windows.add(keys, x.astype(np.float32))
         t3 = clock()
-        recon = self.scorer.reconstruct(x)
-        errors = reconstruction_errors(x, recon)
-        scores = errors.mean(axis=1) if len(kept) else np.empty(0)
+        recon = self.scorer.reconstruct(model_input)
+        errors = reconstruction_errors(model_input, recon)
+        if errors.ndim == 3:  # windows: a feature's error is its mean over the time steps
+            errors = errors.mean(axis=1)
+            recon = recon[:, -1, :]  # explained against the event's own (last) step
+        scores = errors.mean(axis=1) if rows.size else np.empty(0)
         t4 = clock()
         judged_against = self.threshold.value
+        scored_keys = [keys[i] for i in rows] if self.state.thresholds is not None else []
+        if replay:
+            if self.state.thresholds is not None:
+                self.state.thresholds.judge(scored_keys, scores, judged_against)
+            return BatchResult(len(messages), [], dead, scores, judged_against)
         flagged = self.threshold.judge(scores)
+        used = np.full(scores.size, judged_against)
+        if self.state.thresholds is not None:
+            # The entity's own threshold replaces the global one once it has enough scores.
+            flagged, used = self.state.thresholds.judge(scored_keys, scores, judged_against)
         t5 = clock()
         alerts = [
-            self._alert(kept[i], events[i], raw[i], recon[i], errors[i], scores[i], judged_against)
+            self._alert(
+                kept[rows[i]], events[rows[i]], raw[rows[i]], recon[i], errors[i], scores[i],
+                float(used[i]),
+            )
             for i in np.flatnonzero(flagged)
-        ]
+        ]  # fmt: skip
         t6 = clock()
         stage = dict(zip(STAGES, np.diff([t0, t1, t2, t3, t4, t5, t6]).tolist(), strict=True))
-        return BatchResult(len(messages), alerts, dead, scores, judged_against, stage)
+        return BatchResult(
+            len(messages), alerts, dead, scores, judged_against, stage,
+            scored=[kept[i] for i in rows], held_back=len(events) - rows.size,
+        )  # fmt: skip
 
     def _decode(
         self, messages: Sequence[RawMessage]

@@ -15,6 +15,13 @@ A consequence to know: the threshold cannot rise above its current value from li
 A lasting upward shift of all scores (new normal behaviour) shows as an alert storm and
 calls for retraining, not for the threshold to learn the shift on its own.
 
+With `learn=False` the buffer keeps the warm start and the threshold never moves: decisions
+then depend on the model and the event's own history only, not on how the stream was cut
+into batches or which replica saw what (reproducible replays; the equality tests use it).
+
+`EntityThresholds` keeps one such buffer per entity and falls back to the global threshold
+until an entity has `min_samples` scores of its own.
+
 >>> import numpy as np
 >>> t = RollingQuantileThreshold(window_size=100, quantile=0.9, min_samples=10,
 ...                              warm_start=np.arange(100.0))
@@ -26,6 +33,9 @@ calls for retraining, not for the threshold to learn the shift on its own.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+
 import numpy as np
 
 
@@ -36,6 +46,7 @@ class RollingQuantileThreshold:
         quantile: float,
         min_samples: int,
         warm_start: np.ndarray | None = None,
+        learn: bool = True,
     ) -> None:
         if window_size < 1:
             raise ValueError("window_size must be >= 1")
@@ -44,6 +55,7 @@ class RollingQuantileThreshold:
         self.window_size = window_size
         self.quantile = quantile
         self.min_samples = min_samples
+        self.learn = learn
         self._ring = np.empty(window_size, dtype=np.float64)
         self._count = 0  # scores held, at most window_size
         self._next = 0  # ring slot the next score goes to
@@ -59,10 +71,14 @@ class RollingQuantileThreshold:
     def judge(self, scores: np.ndarray) -> np.ndarray:
         """Flag scores above the current threshold, then learn from the unflagged ones."""
         flagged = scores > self.value
-        learned = np.where(flagged, self.value, scores)
-        self._push(learned[np.isfinite(learned)])
-        self._refresh()
+        if self.learn:
+            self.observe(np.where(flagged, self.value, scores))
         return flagged
+
+    def observe(self, scores: np.ndarray) -> None:
+        """Add scores to the window (already clipped by the caller where they alerted)."""
+        self._push(scores[np.isfinite(scores)])
+        self._refresh()
 
     def _push(self, scores: np.ndarray) -> None:
         n = scores.size
@@ -87,3 +103,76 @@ class RollingQuantileThreshold:
             self.value = float("inf")
             return
         self.value = float(np.quantile(self._ring[: self._count], self.quantile))
+
+
+class EntityThresholds:
+    """A rolling quantile per entity, over that entity's own recent scores.
+
+    An entity is judged against its own threshold once it has `min_samples` scores, and
+    against the global value until then. Like the global threshold, an alerted score is
+    learned clipped to the threshold it exceeded. At most `max_entities` rings are kept
+    (least recently scored evicted first; each costs `window_size` * 8 bytes).
+
+    >>> t = EntityThresholds(window_size=50, quantile=0.9, min_samples=5, max_entities=10)
+    >>> for _ in range(3):
+    ...     _ = t.judge(["a"] * 5, np.arange(5.0), global_value=100.0)
+    >>> flagged, used = t.judge(["a", "b"], np.array([10.0, 10.0]), global_value=100.0)
+    >>> flagged.tolist(), used.round(1).tolist()
+    ([True, False], [3.6, 100.0])
+    """
+
+    def __init__(
+        self, window_size: int, quantile: float, min_samples: int, max_entities: int
+    ) -> None:
+        if window_size < 1 or min_samples < 1 or max_entities < 1:
+            raise ValueError("entity threshold window, min_samples and max_entities must be >= 1")
+        self.window_size = window_size
+        self.quantile = quantile
+        self.min_samples = min_samples
+        self.max_entities = max_entities
+        self.learn = True
+        self.evictions = 0
+        self._rings: OrderedDict[Hashable, RollingQuantileThreshold] = OrderedDict()
+
+    @property
+    def entities(self) -> int:
+        return len(self._rings)
+
+    def clear(self) -> None:
+        self._rings.clear()
+
+    def judge(
+        self, keys: Sequence[Hashable], scores: np.ndarray, global_value: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Flag each score against its entity's threshold (or the global one), then learn.
+
+        Returns the flags and the threshold each score was judged against.
+        """
+        groups: dict[Hashable, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+        flagged = np.zeros(len(keys), dtype=bool)
+        used = np.empty(len(keys), dtype=np.float64)
+        for key, rows in groups.items():
+            ring = self._ring(key)
+            own = ring.value  # inf until the entity has min_samples scores
+            value = own if np.isfinite(own) else global_value
+            s = scores[rows]
+            hit = s > value
+            flagged[rows] = hit
+            used[rows] = value
+            if self.learn:
+                ring.observe(np.where(hit, value, s))
+        return flagged, used
+
+    def _ring(self, key: Hashable) -> RollingQuantileThreshold:
+        ring = self._rings.get(key)
+        if ring is None:
+            ring = RollingQuantileThreshold(self.window_size, self.quantile, self.min_samples)
+            self._rings[key] = ring
+            if len(self._rings) > self.max_entities:
+                self._rings.popitem(last=False)
+                self.evictions += 1
+        else:
+            self._rings.move_to_end(key)
+        return ring

@@ -138,12 +138,13 @@ def write_config(
     model_extra: str = "",
     extra: str = "",
     runtime: str = "numpy",
+    profile: str = "orders",
 ) -> int:
     """A daemon config for one test; returns the metrics port it was given."""
     port = free_port()
     path.write_text(
         f"""
-profile = "orders"
+profile = "{profile}"
 [kafka]
 bootstrap_servers = "{bootstrap}"
 input_topic = "{topics.input}"

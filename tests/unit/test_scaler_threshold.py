@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from streamer.scaler import StandardScaler
-from streamer.threshold import RollingQuantileThreshold
+from streamer.threshold import EntityThresholds, RollingQuantileThreshold
 
 
 def test_scaler_round_trip_and_pass_through() -> None:
@@ -66,3 +66,33 @@ def test_window_wraps_around() -> None:
     t.judge(np.array([10.0, 10.0, 10.0]))  # above the median -> clipped to it
     assert t.count == 4
     assert t.value <= 3.0
+
+
+def test_threshold_that_does_not_learn_keeps_its_warm_start() -> None:
+    warm = np.arange(1000.0)
+    t = RollingQuantileThreshold(1000, 0.9, 10, warm, learn=False)
+    before = t.value
+    for _ in range(20):
+        t.judge(np.full(500, 0.5))  # a long quiet stretch would pull a learning one down
+    assert t.value == before
+
+
+def test_entity_thresholds_fall_back_then_judge_each_entity_by_its_own_scores() -> None:
+    t = EntityThresholds(window_size=100, quantile=0.99, min_samples=20, max_entities=1000)
+    rng = np.random.default_rng(3)
+    quiet = rng.uniform(0.0, 1.0, 50)  # entity "q": scores below 1
+    loud = rng.uniform(5.0, 10.0, 50)  # entity "l": its normal is 5..10
+    # Until each has 20 scores, the global value (20) judges both: nothing alerts.
+    flags, used = t.judge(["q"] * 50 + ["l"] * 50, np.concatenate([quiet, loud]), 20.0)
+    assert not flags.any() and (used == 20.0).all()
+    # Then 3.0 is an anomaly for "q" and ordinary for "l"; a new entity still gets 20.
+    flags, used = t.judge(["q", "l", "new"], np.array([3.0, 3.0, 3.0]), 20.0)
+    assert flags.tolist() == [True, False, False]
+    assert used[0] < 1.0 and 5.0 < used[1] <= 10.0 and used[2] == 20.0
+
+
+def test_entity_thresholds_cap_the_entities_they_keep() -> None:
+    t = EntityThresholds(window_size=10, quantile=0.9, min_samples=1, max_entities=5)
+    for i in range(12):
+        t.judge([f"e{i}"], np.array([1.0]), 2.0)
+    assert t.entities == 5 and t.evictions == 7

@@ -1,0 +1,87 @@
+"""Everything the daemon keeps per entity, in one place that can be cleared and rebuilt.
+
+Three kinds of keyed state, each present only when the bundle or config needs it:
+- `aggregates`: rolling per-entity statistics behind Rolling / SincePrevious features;
+- `windows`: the last `window_length` scaled rows of each entity, for a windowed (LSTM) model;
+- `thresholds`: a rolling quantile per entity (`threshold.per_entity`).
+
+Each is bounded by `state.max_entities` (least recently seen evicted first, counted by
+reason). The state is a function of the events of the partitions this replica owns: when
+partitions move it is cleared and rebuilt by re-reading each assigned partition's tail (see
+`Detector._restore`), so scoring after a move gives the decisions scoring without it gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from streamer.aggregates import AggregateState
+from streamer.config import Settings
+from streamer.features import FeatureSpec
+from streamer.threshold import EntityThresholds
+from streamer.windows import WindowBuilder
+
+
+@dataclass
+class EntityState:
+    aggregates: AggregateState | None = None
+    windows: WindowBuilder | None = None
+    thresholds: EntityThresholds | None = None
+
+    @classmethod
+    def build(cls, settings: Settings, spec: FeatureSpec, window_length: int | None) -> EntityState:
+        cap = settings.state.max_entities
+        t = settings.threshold
+        thresholds = None
+        if t.per_entity:
+            thresholds = EntityThresholds(
+                t.entity_window_size, t.quantile, t.entity_min_samples, cap
+            )
+            thresholds.learn = t.learn
+        return cls(
+            aggregates=AggregateState(spec, max_entities=cap) if spec.stateful else None,
+            windows=(
+                WindowBuilder(window_length, len(spec.feature_names()), max_entities=cap)
+                if window_length
+                else None
+            ),
+            thresholds=thresholds,
+        )
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether scores depend on earlier events (and so need a restore after a move)."""
+        return (
+            self.aggregates is not None
+            or self.windows is not None
+            or (self.thresholds is not None and self.thresholds.learn)
+        )
+
+    def clear(self) -> None:
+        for part in (self.aggregates, self.windows, self.thresholds):
+            if part is not None:
+                part.clear()
+
+    def entities(self) -> dict[str, int]:
+        """Entities held, by kind of state."""
+        out: dict[str, int] = {}
+        if self.aggregates is not None:
+            out["aggregates"] = self.aggregates.entities
+        if self.windows is not None:
+            out["windows"] = self.windows.entities
+        if self.thresholds is not None:
+            out["thresholds"] = self.thresholds.entities
+        return out
+
+    def evictions(self) -> dict[tuple[str, str], int]:
+        """Entities evicted since start, by (kind of state, reason): running totals."""
+        out: dict[tuple[str, str], int] = {}
+        if self.aggregates is not None:
+            for reason, n in self.aggregates.evictions.items():
+                out[("aggregates", reason)] = n
+        if self.windows is not None:
+            for reason, n in self.windows.evictions.items():
+                out[("windows", reason)] = n
+        if self.thresholds is not None:
+            out[("thresholds", "capacity")] = self.thresholds.evictions
+        return out
