@@ -21,6 +21,10 @@ from streamer.state import EntityState
 
 SCORE_QUANTILES = (0.5, 0.9, 0.99, 0.999)
 STAGE_NAMES = (*pipeline.STAGES, *delivery.STAGES)
+EVICTIONS = (
+    ("windows", "capacity"), ("aggregates", "capacity"), ("aggregates", "idle"),
+    ("thresholds", "capacity"),
+)  # fmt: skip
 REJECT_REASONS = (
     "empty", "too_large", "invalid_utf8", "invalid_json", "schema", "out_of_range", "non_finite",
 )  # fmt: skip
@@ -116,6 +120,8 @@ class Metrics:
             ["kind", "reason"],
             registry=registry,
         )
+        for kind, reason in EVICTIONS:
+            self.state_evictions.labels(kind, reason)  # zeros: rules can rate() from the start
         self._evictions_seen: dict[tuple[str, str], int] = {}
         self.restores = Counter(
             "anomaly_state_restores",
