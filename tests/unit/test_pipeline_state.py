@@ -129,3 +129,63 @@ def test_window_state_is_capped(sensors_lstm_bundle: bundles.Bundle, cap: int) -
     assert p.state.windows is not None
     assert p.state.windows.entities == cap
     assert p.state.windows.evictions["capacity"] > 0
+
+
+@pytest.fixture(scope="module")
+def orders_with_history(tmp_path_factory: pytest.TempPathFactory) -> bundles.Bundle:
+    """A small dense bundle whose spec adds per-customer aggregates to the orders columns."""
+    from streamer.config import TrainingSettings
+    from streamer.features import FeatureSpec, Rolling, SincePrevious
+    from streamer.profiles import ORDERS
+    from training.datasets import from_events
+    from training.fit import fit_bundle
+
+    spec = FeatureSpec(
+        profile="orders-history",
+        entity_field=ORDERS.entity_field,
+        time_field=ORDERS.time_field,
+        time_format=ORDERS.time_format,
+        id_field=ORDERS.id_field,
+        columns=[
+            *ORDERS.columns,
+            Rolling(field="amount", windows_seconds=[86400.0, 604800.0]),
+            SincePrevious(),
+        ],
+    )
+    decode = msgspec.json.Decoder(spec.event_type()).decode
+    events = [decode(msgspec.json.encode(e)) for e, _ in islice(simulate("orders", 11, 0.0), 6000)]
+    root = tmp_path_factory.mktemp("orders-history")
+    training = TrainingSettings(epochs=3, patience=1)
+    return fit_bundle(spec, from_events(spec, events), training, root, source="simulated")
+
+
+def test_aggregate_state_is_rebuilt_by_replay_like_windows(
+    orders_with_history: bundles.Bundle,
+) -> None:
+    b = orders_with_history
+    s = from_mapping(
+        {
+            "features": msgspec.to_builtins(b.spec),
+            "kafka": {"input_topic": "in", "alert_topic": "a", "dead_letter_topic": "d"},
+            "model": {"bundle": "unused"},
+        }
+    )
+    stream = islice(simulate("orders", 12, 0.01), 4000)
+    messages = [
+        RawMessage("orders", 0, i, None, msgspec.json.encode(e), 0)
+        for i, (e, _) in enumerate(stream)
+    ]
+    undisturbed = run(pipeline(b, s), messages, 250)
+    p = pipeline(b, s)
+    run(p, messages[:2000], 250)
+    assert p.state.aggregates is not None and p.state.aggregates.entities > 0
+    p.state.clear()
+    p.process(messages[:2000], replay=True)  # a tail that covers every customer's history
+    after = run(p, messages[2000:], 250)
+    np.testing.assert_allclose(
+        [after[k] for k in sorted(after)], [undisturbed[k] for k in sorted(after)], rtol=1e-6
+    )
+    cold = pipeline(b, s)
+    run(cold, messages[:2000], 250)
+    cold.state.clear()  # no replay: customers start over, and their scores differ
+    assert run(cold, messages[2000:], 250) != after
