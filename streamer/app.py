@@ -41,6 +41,7 @@ log = logging.getLogger("streamer")
 
 IDLE_POLL_SECONDS = 0.5
 CHECK_SECONDS = 1.0  # lag and broker-contact checks
+METADATA_REFRESH_SECONDS = 5.0  # while no partition is assigned
 STATUS_LOG_SECONDS = 10.0
 BACKOFF_START_SECONDS = 0.5
 
@@ -97,6 +98,7 @@ class Detector:
         # rebuilt for the assigned ones before their first batch (see _rebuild_state).
         self._clear_state = False
         self._restore: set[TopicPartition] = set()
+        self._next_metadata = 0.0
         self._backoff = Backoff(settings.kafka.retry_backoff_max_seconds)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -400,6 +402,13 @@ class Detector:
             for tp, lag in kafka_io.consumer_lag(consumer).items():
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
             in_touch = polled_any or kafka_io.coordinator_in_touch(consumer)
+            if not consumer.assignment() and time.monotonic() >= self._next_metadata:
+                # Joined before the broker's metadata listed the topic's partitions (a topic
+                # created moments before): kafka-python would wait metadata_max_age_ms (5 min)
+                # to look again. A refresh now lets the group rebalance; an idle replica
+                # (more replicas than partitions) pays one metadata request per interval.
+                consumer.topics()
+                self._next_metadata = time.monotonic() + METADATA_REFRESH_SECONDS
         except KafkaError:  # position() may need the broker to validate an offset
             in_touch = False
         if in_touch != self._broker_ok:
