@@ -49,7 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     tail.add_argument("--json", action="store_true", help="print the raw JSON, one per line")
 
+    sub.add_parser("schema", help="print the JSON Schema of the alert topic's messages")
+
     args = parser.parse_args(argv)
+    if args.command == "schema":
+        from streamer.records import alert_topic_schema
+
+        print(json.dumps(alert_topic_schema(), indent=2))
+        return 0
     try:
         settings = config_mod.load(args.config)
     except config_mod.ConfigError as exc:
@@ -156,6 +163,13 @@ def _describe(record: object, args: argparse.Namespace) -> str:
     if args.json:
         return value.decode("utf-8", "replace")
     a = json.loads(value)
+    if a.get("type") == "incident":
+        return (
+            f"INCIDENT {a['status'].upper()} {a['incident_id'][:12]} #{a['sequence']} "
+            f"{a['entity_field']}={a['entity']} since {a['opened_at']}: {a['alerts']} alert(s), "
+            f"max score {a['max_score']:.3g}"
+            + (f", resolved at {a['resolved_at']}" if a["resolved_at"] else "")
+        )
     top = ", ".join(
         f"{f['feature']}={f['actual']:.4g} (expected {f['reconstructed']:.4g})"
         for f in a["top_features"]

@@ -60,6 +60,7 @@ def build_pipeline(settings: Settings, bundle: bundles.Bundle, scorer: Any) -> P
         top_features=settings.alerts.top_features,
         max_message_bytes=settings.alerts.max_message_bytes,
         state=EntityState.build(settings, bundle.spec, scorer.window_length),
+        publish_alerts=settings.incidents.publish_alerts or not settings.incidents.enabled,
     )
 
 

@@ -187,6 +187,28 @@ class AlertSettings(_Section, frozen=True):
             raise ValueError("alerts.top_features must be >= 0")
 
 
+class IncidentSettings(_Section, frozen=True):
+    """Group one entity's consecutive alerts into one incident (open, updates, resolve).
+
+    All times are event time: the clock is the latest event time the daemon has seen.
+    """
+
+    enabled: bool = False
+    # Keep publishing every alert as well; false: subscribers get incident messages only.
+    publish_alerts: bool = True
+    min_duration_seconds: float = 0.0  # open only once an entity's alerts span this long
+    quiet_seconds: float = 300.0  # resolve after this long without an alert of the entity
+    update_seconds: float = 60.0  # at most one update per incident this often
+    cooldown_seconds: float = 0.0  # after a resolve, the entity opens no incident this long
+
+    def __post_init__(self) -> None:
+        for name in ("min_duration_seconds", "update_seconds", "cooldown_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"incidents.{name} must be >= 0")
+        if self.quiet_seconds <= 0:
+            raise ValueError("incidents.quiet_seconds must be > 0")
+
+
 class MetricsSettings(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: int = 9108  # 0 picks a free port (tests)
@@ -236,6 +258,7 @@ class Settings(_Section, frozen=True):
     batch: BatchSettings = msgspec.field(default_factory=BatchSettings)
     threshold: ThresholdSettings = msgspec.field(default_factory=ThresholdSettings)
     state: StateSettings = msgspec.field(default_factory=StateSettings)
+    incidents: IncidentSettings = msgspec.field(default_factory=IncidentSettings)
     alerts: AlertSettings = msgspec.field(default_factory=AlertSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     training: TrainingSettings = msgspec.field(default_factory=TrainingSettings)

@@ -64,11 +64,12 @@ class Transport(Protocol):
 
 
 def records_of(result: BatchResult, k: KafkaSettings) -> list[Record]:
-    """Every alert and dead letter of a batch, as records for the producer."""
+    """Every alert, incident message and dead letter of a batch, as producer records."""
     encode = msgspec.json.encode
-    out: list[Record] = [
-        (k.alert_topic, str(a.entity).encode(), encode(a), None) for a in result.alerts
-    ]
+    out: list[Record] = []
+    if result.publish_alerts:
+        out += [(k.alert_topic, str(a.entity).encode(), encode(a), None) for a in result.alerts]
+    out += [(k.alert_topic, str(i.entity).encode(), encode(i), None) for i in result.incidents]
     out += [
         (k.dead_letter_topic, d.message.key, d.message.value or b"",
          kafka_io.dead_letter_headers(d))

@@ -23,7 +23,7 @@ SCORE_QUANTILES = (0.5, 0.9, 0.99, 0.999)
 STAGE_NAMES = (*pipeline.STAGES, *delivery.STAGES)
 EVICTIONS = (
     ("windows", "capacity"), ("aggregates", "capacity"), ("aggregates", "idle"),
-    ("thresholds", "capacity"),
+    ("thresholds", "capacity"), ("incidents", "capacity"),
 )  # fmt: skip
 REJECT_REASONS = (
     "empty", "too_large", "invalid_utf8", "invalid_json", "schema", "out_of_range", "non_finite",
@@ -103,6 +103,14 @@ class Metrics:
         )
         for outcome in ("retried", "rebalanced"):
             self.delivery_failures.labels(outcome)
+        self.incidents = Counter(
+            "anomaly_incidents",
+            "Incident messages published, by status (open, update, resolve)",
+            ["status"],
+            registry=registry,
+        )
+        for status in ("open", "update", "resolve"):
+            self.incidents.labels(status)
         self.held_back = Counter(
             "anomaly_events_held_back",
             "Valid events not scored because their entity's window was not full yet",
@@ -172,7 +180,10 @@ class Metrics:
         self.scored.inc(result.scores.size)
         if result.held_back:
             self.held_back.inc(result.held_back)
-        self.alerts.inc(len(result.alerts))
+        if result.publish_alerts:
+            self.alerts.inc(len(result.alerts))
+        for incident in result.incidents:
+            self.incidents.labels(incident.status).inc()
         if result.dead_letters:
             counts: dict[str, int] = {}
             for d in result.dead_letters:

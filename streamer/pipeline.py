@@ -22,6 +22,7 @@ from streamer.records import (
     Alert,
     DeadLetter,
     FeatureContribution,
+    Incident,
     ModelRef,
     RawMessage,
     SourcePosition,
@@ -45,6 +46,8 @@ class BatchResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     scored: list[RawMessage] = field(default_factory=list)  # the message of each score
     held_back: int = 0  # valid events whose entity window is not full yet
+    incidents: list[Incident] = field(default_factory=list)
+    publish_alerts: bool = True  # false: the alerts feed incidents only
 
 
 class Pipeline:
@@ -60,6 +63,7 @@ class Pipeline:
         top_features: int = 3,
         max_message_bytes: int = 1_000_000,
         state: EntityState | None = None,
+        publish_alerts: bool = True,
     ) -> None:
         self.spec = spec
         self.scaler = scaler
@@ -69,6 +73,7 @@ class Pipeline:
         self.top_features = top_features
         self.max_message_bytes = max_message_bytes
         self.state = state or EntityState()
+        self.publish_alerts = publish_alerts
         self._decoder = msgspec.json.Decoder(spec.event_type())
         self._names = spec.feature_names()
         self._unit_names = spec.unit_names()
@@ -108,27 +113,41 @@ class Pipeline:
         judged_against = self.threshold.value
         scored_keys = [keys[i] for i in rows] if self.state.thresholds is not None else []
         if replay:
-            if self.state.thresholds is not None:
-                self.state.thresholds.judge(scored_keys, scores, judged_against)
-            return BatchResult(len(messages), [], dead, scores, judged_against)
-        flagged = self.threshold.judge(scores)
-        used = np.full(scores.size, judged_against)
+            # Only per-entity state learns from a replay; the global threshold has seen
+            # these scores already (or must not count them twice).
+            flagged = scores > judged_against
+            used = np.full(scores.size, judged_against)
+        else:
+            flagged = self.threshold.judge(scores)
+            used = np.full(scores.size, judged_against)
         if self.state.thresholds is not None:
             # The entity's own threshold replaces the global one once it has enough scores.
             flagged, used = self.state.thresholds.judge(scored_keys, scores, judged_against)
         t5 = clock()
-        alerts = [
-            self._alert(
-                kept[rows[i]], events[rows[i]], raw[rows[i]], recon[i], errors[i], scores[i],
-                float(used[i]),
+        if replay and self.state.incidents is None:
+            return BatchResult(len(messages), [], dead, scores, judged_against)
+        alerts, times = [], []
+        for i in np.flatnonzero(flagged):
+            j = rows[i]
+            alerts.append(
+                self._alert(kept[j], events[j], raw[j], recon[i], errors[i], scores[i], used[i])
             )
-            for i in np.flatnonzero(flagged)
-        ]  # fmt: skip
+            times.append(event_seconds(self.spec, getattr(events[j], self.spec.time_field)))
+        incidents: list[Incident] = []
+        if self.state.incidents is not None:
+            now = max(
+                (event_seconds(self.spec, getattr(e, self.spec.time_field)) for e in events),
+                default=float("-inf"),
+            )
+            incidents = self.state.incidents.observe(alerts, times, now)
+        if replay:  # the tracker now knows the replayed runs; nothing goes out
+            return BatchResult(len(messages), [], dead, scores, judged_against)
         t6 = clock()
         stage = dict(zip(STAGES, np.diff([t0, t1, t2, t3, t4, t5, t6]).tolist(), strict=True))
         return BatchResult(
             len(messages), alerts, dead, scores, judged_against, stage,
             scored=[kept[i] for i in rows], held_back=len(events) - rows.size,
+            incidents=incidents, publish_alerts=self.publish_alerts,
         )  # fmt: skip
 
     def _decode(
@@ -169,7 +188,7 @@ class Pipeline:
         recon_scaled: np.ndarray,
         errors: np.ndarray,
         score: float,
-        threshold: float,
+        threshold: float | np.floating[Any],
     ) -> Alert:
         spec = self.spec
         recon = self.scaler.inverse_transform(recon_scaled)
@@ -195,7 +214,7 @@ class Pipeline:
             event_time=_iso(seconds),
             detected_at=_iso(time.time()),
             score=float(score),
-            threshold=threshold,
+            threshold=float(threshold),
             quantile=self.threshold.quantile,
             model=self.model,
             top_features=explained,

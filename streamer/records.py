@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
-ALERT_SCHEMA_VERSION = 1
+# 2: every message on the alert topic carries `type` ("alert" or "incident").
+ALERT_SCHEMA_VERSION = 2
 
 
 class RawMessage(NamedTuple):
@@ -39,8 +40,8 @@ class ModelRef(msgspec.Struct, frozen=True):
     kind: str
 
 
-class Alert(msgspec.Struct, frozen=True):
-    """The JSON document published to the alert topic, keyed by entity."""
+class Alert(msgspec.Struct, frozen=True, tag_field="type", tag="alert"):
+    """One anomalous event, published to the alert topic keyed by entity."""
 
     alert_id: str
     schema_version: int
@@ -56,6 +57,38 @@ class Alert(msgspec.Struct, frozen=True):
     model: ModelRef
     top_features: list[FeatureContribution]
     source: SourcePosition
+
+
+IncidentStatus = Literal["open", "update", "resolve"]
+
+
+class Incident(msgspec.Struct, frozen=True, tag_field="type", tag="incident"):
+    """One entity's run of alerts, published to the alert topic keyed by entity.
+
+    `open` when the run starts (or has lasted `incidents.min_duration_seconds`), `update` at
+    most every `incidents.update_seconds` while alerts keep coming, `resolve` after
+    `incidents.quiet_seconds` without one. The id is derived from the entity and the run's
+    first alert, so a replay gives the same id; `sequence` orders one incident's messages.
+    """
+
+    incident_id: str
+    schema_version: int
+    status: IncidentStatus
+    sequence: int
+    profile: str
+    entity_field: str
+    entity: str | int
+    opened_at: str  # event time of the run's first alert
+    last_alert_at: str  # event time of its latest alert
+    resolved_at: str | None  # event time the quiet period ended (resolve only)
+    alerts: int  # alerts in the run so far
+    max_score: float
+    threshold: float  # the threshold the highest-scoring alert exceeded
+    model: ModelRef
+    first_alert_id: str
+    last_alert_id: str
+    top_features: list[FeatureContribution]  # of the highest-scoring alert
+    published_at: str  # wall clock
 
 
 class DeadLetter(NamedTuple):
@@ -74,3 +107,30 @@ def alert_id(topic: str, partition: int, offset: int) -> str:
     """
     digest = hashlib.blake2b(f"{topic}\x00{partition}\x00{offset}".encode(), digest_size=16)
     return digest.hexdigest()
+
+
+def incident_id(entity_field: str, entity: str | int, first_alert_id: str) -> str:
+    """Deterministic: the same run of alerts (same first alert) gives the same incident id."""
+    key = f"{entity_field}\x00{entity}\x00{first_alert_id}"
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
+def alert_topic_schema() -> dict[str, Any]:
+    """JSON Schema (2020-12) of every message on the alert topic: alerts and incidents.
+
+    Published as docs/alert-topic.schema.json (`python -m streamer schema` prints it); a
+    test keeps the file equal to this.
+    """
+    schema = msgspec.json.schema(Alert | Incident)
+    for definition in ("Alert", "Incident"):
+        props = schema["$defs"][definition]["properties"]
+        props["schema_version"] = {"const": ALERT_SCHEMA_VERSION}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "Messages on the alert topic",
+        "description": (
+            "Keyed by entity. `type` tells an alert (one anomalous event) from an incident "
+            "message (open, update or resolve of one entity's run of alerts)."
+        ),
+        **schema,
+    }

@@ -3,7 +3,8 @@
 Three kinds of keyed state, each present only when the bundle or config needs it:
 - `aggregates`: rolling per-entity statistics behind Rolling / SincePrevious features;
 - `windows`: the last `window_length` scaled rows of each entity, for a windowed (LSTM) model;
-- `thresholds`: a rolling quantile per entity (`threshold.per_entity`).
+- `thresholds`: a rolling quantile per entity (`threshold.per_entity`);
+- `incidents`: each entity's current run of alerts (`incidents.enabled`).
 
 Each is bounded by `state.max_entities` (least recently seen evicted first, counted by
 reason). The state is a function of the events of the partitions this replica owns: when
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from streamer.aggregates import AggregateState
 from streamer.config import Settings
 from streamer.features import FeatureSpec
+from streamer.incidents import IncidentTracker
 from streamer.threshold import EntityThresholds
 from streamer.windows import WindowBuilder
 
@@ -27,6 +29,7 @@ class EntityState:
     aggregates: AggregateState | None = None
     windows: WindowBuilder | None = None
     thresholds: EntityThresholds | None = None
+    incidents: IncidentTracker | None = None
 
     @classmethod
     def build(cls, settings: Settings, spec: FeatureSpec, window_length: int | None) -> EntityState:
@@ -46,6 +49,9 @@ class EntityState:
                 else None
             ),
             thresholds=thresholds,
+            incidents=(
+                IncidentTracker(settings.incidents, cap) if settings.incidents.enabled else None
+            ),
         )
 
     @property
@@ -58,7 +64,7 @@ class EntityState:
         )
 
     def clear(self) -> None:
-        for part in (self.aggregates, self.windows, self.thresholds):
+        for part in (self.aggregates, self.windows, self.thresholds, self.incidents):
             if part is not None:
                 part.clear()
 
@@ -71,6 +77,8 @@ class EntityState:
             out["windows"] = self.windows.entities
         if self.thresholds is not None:
             out["thresholds"] = self.thresholds.entities
+        if self.incidents is not None:
+            out["incidents"] = self.incidents.entities
         return out
 
     def evictions(self) -> dict[tuple[str, str], int]:
@@ -84,4 +92,6 @@ class EntityState:
                 out[("windows", reason)] = n
         if self.thresholds is not None:
             out[("thresholds", "capacity")] = self.thresholds.evictions
+        if self.incidents is not None:
+            out[("incidents", "capacity")] = self.incidents.evictions
         return out

@@ -70,7 +70,11 @@ def test_detects_anomalies_publishes_alerts_and_counts(
         assert alert["source"]["topic"] == topics.input
         assert alert["score"] > alert["threshold"] > 0
         assert alert["model"]["kind"] == "dense" and alert["top_features"]
-        assert alert["schema_version"] == 1 and alert["profile"] == "orders"
+        assert (
+            alert["type"] == "alert"
+            and alert["schema_version"] == 2
+            and alert["profile"] == "orders"
+        )
     assert len({a["alert_id"] for a in alerts}) == len(alerts)
 
     samples = daemon.samples()

@@ -176,3 +176,47 @@ def test_replica_killed_mid_stream_state_rebuilt_same_alerts_as_undisturbed(
     for event_id, score in expected.items():
         assert got[event_id] == pytest.approx(score, rel=1e-5), event_id
     assert restored > 0
+
+
+def test_a_long_anomaly_is_one_incident_with_open_updates_and_resolve(
+    kafka_bootstrap: str,
+    topics: Topics,
+    unique: Callable[[str], str],
+    start_daemon: Callable[..., Daemon],
+    sensor_registries: dict[str, Path],
+) -> None:
+    # 20 sensors, one reading each per second of event time: s-03 runs 15 degrees hot for
+    # one minute (readings 3000-4199), then the stream goes on quietly for five more.
+    values: list[bytes] = []
+    keys: list[bytes | None] = []
+    for n, (event, _) in enumerate(islice(simulate("sensors", 204, 0.0), 10_000)):
+        if event["sensor_id"] == "s-03" and 3000 <= n < 4200:
+            event["temperature"] += 15.0
+        values.append(msgspec.json.encode(event))
+        keys.append(str(event["sensor_id"]).encode())
+    produce(kafka_bootstrap, topics.input, values, keys)
+    out = variant(topics, unique, "incidents")
+    daemon = start_daemon(
+        topics=out,
+        registry=sensor_registries["dense"],
+        profile="sensors",
+        extra=(
+            "[incidents]\nenabled = true\nmin_duration_seconds = 3\n"
+            "quiet_seconds = 20\nupdate_seconds = 10\n"
+        ),
+    )
+    wait_consumed(daemon, len(values))
+    opened = daemon.metric("anomaly_incidents_total", status="open")
+    assert daemon.stop() == 0
+
+    messages = [json.loads(r.value) for r in read_topic(kafka_bootstrap, out.alerts)]
+    hot = [m for m in messages if m["entity"] == "s-03"]
+    incident = sorted((m for m in hot if m["type"] == "incident"), key=lambda m: m["sequence"])
+    alerts = [m for m in hot if m["type"] == "alert"]
+    assert len({m["incident_id"] for m in incident}) == 1, incident
+    statuses = [m["status"] for m in incident]
+    assert statuses[0] == "open" and statuses[-1] == "resolve", statuses
+    assert set(statuses[1:-1]) == {"update"} and 4 <= len(statuses) - 2 <= 6, statuses
+    assert [m["sequence"] for m in incident] == list(range(len(incident)))
+    assert incident[-1]["alerts"] >= 55 and len(alerts) >= incident[-1]["alerts"]
+    assert opened >= 1
