@@ -1,8 +1,9 @@
-"""End-to-end benchmark of the dense path through a real Kafka broker.
+"""End-to-end benchmark of the dense or the LSTM path through a real Kafka broker.
 
     .venv/bin/python bench/e2e.py [--events N] [--bootstrap HOST:PORT] [--out bench/results.json]
+    .venv/bin/python bench/e2e.py --model lstm [--runtimes numpy,tensorflow] [--events N]
 
-Scenarios, all over the same simulated orders and the same model bundle:
+Scenarios of the dense path (the default), all over the same simulated orders and bundle:
 
 - daemon end to end: `python -m streamer run` as a subprocess on a pre-filled 4-partition
   topic (batch 1000, max wait 0.2 s); events/s from /readyz until
@@ -13,6 +14,13 @@ Scenarios, all over the same simulated orders and the same model bundle:
 - bare consume: a kafka-python consumer that only polls 1000 and commits (Kafka's ceiling).
 
 --batch-size changes every "1000" above at once.
+
+`--model lstm` does the same over simulated sensor readings (20 sensors, keyed by sensor_id)
+and an LSTM bundle (windows of 30 rows, LSTM 64-32-32-64): one daemon row per runtime in
+--runtimes, the baseline is one `model.predict` per window, and the model-only ceiling is
+measured for both runtimes (NumpyLSTMScorer and KerasScorer on batches of windows). Its
+model and pipeline rows run in a child process pinned to one thread (ROW_THREADS), and the
+table gives each row's share of the model-only rate of its runtime.
 
 Without --bootstrap it starts the repo's local broker (deploy/local-kafka/kafka.sh) on
 $KAFKA_PORT (default 29092) and stops it at the end. Without --bundle it trains a small
@@ -35,6 +43,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -51,12 +60,13 @@ from streamer import bundle as bundles
 from streamer import config as config_mod
 from streamer.app import build_pipeline
 from streamer.config import KafkaSettings, TrainingSettings
-from streamer.features import build_features
+from streamer.features import FeatureSpec, build_features
 from streamer.metrics import STAGE_NAMES
 from streamer.pipeline import STAGES
-from streamer.profiles import ORDERS
+from streamer.profiles import ORDERS, SENSORS
 from streamer.records import RawMessage
 from streamer.scoring import KerasScorer
+from streamer.windows import sliding_windows
 from training.simulate import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +75,19 @@ DEFAULT_PORT = "29092"  # away from 9092 (demo) and 19092 (integration tests)
 DEFAULT_BATCH = 1000
 PARTITIONS = 4
 TRAIN_EVENTS = 20_000
+# The LSTM issue's ceiling: windows of 30 rows, LSTM 64-32-32-64 (the decoder mirrors these).
+LSTM_WINDOW = 30
+LSTM_UNITS = [64, 32]
+RUNTIMES = ("numpy", "tensorflow")
+# What the daemon pins (streamer/__main__.py), plus TensorFlow's own pools: the LSTM path's
+# in-process rows run in a child with these, so "per core" means one thread.
+ROW_THREADS = {
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TF_NUM_INTRAOP_THREADS": "1",
+    "TF_NUM_INTEROP_THREADS": "1",
+}
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -83,6 +106,7 @@ class Scenario:
     seconds: float
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    runtime: str | None = None  # the scorer's runtime, for the LSTM table's model-only share
 
     @property
     def rate(self) -> float:
@@ -135,35 +159,81 @@ def _broker_pid(port: str) -> int | None:
 # -- data and model ---------------------------------------------------------------------------
 
 
-def train_bundle(workdir: Path, epochs: int) -> Path:
-    """A small dense bundle on clean simulated orders, like the integration tests' one."""
+@dataclass(frozen=True)
+class Workload:
+    """What `--model` benchmarks: the simulated stream and the bundle trained for it."""
+
+    model: str  # training.model: "dense" or "lstm"
+    profile: str  # simulator profile and the daemon config's `profile`
+    spec: FeatureSpec
+    noun: str  # what the events are, for the printed header
+
+
+WORKLOADS = {
+    "dense": Workload("dense", "orders", ORDERS, "orders"),
+    "lstm": Workload("lstm", "sensors", SENSORS, "sensor readings"),
+}
+
+
+def train_bundle(workdir: Path, epochs: int, model: str = "dense", seed: int = 101) -> Path:
+    """A small bundle on clean simulated events: dense on orders, like the integration tests'
+    one, or LSTM on sensors (the simulator's seed picks the sensors: pass the stream's)."""
     from training.datasets import read_jsonl
     from training.fit import fit_bundle
 
+    w = WORKLOADS[model]
     events = workdir / "train.jsonl"
     with events.open("wb") as f:
-        for event, _ in islice(simulate("orders", seed=101, anomaly_rate=0.0), TRAIN_EVENTS):
+        for event, _ in islice(simulate(w.profile, seed=seed, anomaly_rate=0.0), TRAIN_EVENTS):
             f.write(msgspec.json.encode(event) + b"\n")
-    history = read_jsonl(ORDERS, events)
+    history = read_jsonl(w.spec, events)
     settings = TrainingSettings(epochs=epochs, patience=2, seed=7)
+    if model == "lstm":
+        settings = TrainingSettings(
+            model="lstm",
+            window_length=LSTM_WINDOW,
+            lstm_units=LSTM_UNITS,
+            epochs=epochs,
+            patience=2,
+            seed=7,
+        )
     started = time.perf_counter()
-    b = fit_bundle(ORDERS, history, settings, workdir / "registry", source=events.name)
+    b = fit_bundle(w.spec, history, settings, workdir / "registry", source=events.name)
     log(f"trained bundle {b.version} in {time.perf_counter() - started:.1f}s")
     return workdir / "registry"
 
 
 def make_orders(count: int, anomaly_rate: float, seed: int) -> tuple[list[bytes], list[bytes]]:
+    return make_events(WORKLOADS["dense"], count, anomaly_rate, seed)
+
+
+def make_events(
+    w: Workload, count: int, anomaly_rate: float, seed: int
+) -> tuple[list[bytes], list[bytes]]:
+    """Encoded events and their Kafka keys (the entity: one entity, one partition)."""
     values: list[bytes] = []
     keys: list[bytes] = []
-    for event, _ in islice(simulate("orders", seed, anomaly_rate), count):
+    for event, _ in islice(simulate(w.profile, seed, anomaly_rate), count):
         values.append(msgspec.json.encode(event))
-        keys.append(str(event["customer_id"]).encode())
+        keys.append(str(event[w.spec.entity_field]).encode())
     return values, keys
 
 
 def scaled_features(b: bundles.Bundle, values: list[bytes]) -> np.ndarray:
     decode = msgspec.json.Decoder(b.spec.event_type()).decode
     return b.scaler.transform(build_features(b.spec, [decode(v) for v in values]))
+
+
+def scaled_windows(b: bundles.Bundle, values: list[bytes]) -> np.ndarray:
+    """Every window the daemon scores for these events, in order: (events - held back, L, d)."""
+    from training.datasets import from_events
+
+    assert b.window_length is not None
+    decode = msgspec.json.Decoder(b.spec.event_type()).decode
+    # The daemon's features (aggregates too, were the spec stateful) and entity keys.
+    history = from_events(b.spec, [decode(v) for v in values])
+    x = b.scaler.transform(history.features).astype(np.float32)
+    return sliding_windows(history.keys, x, b.window_length)[0]
 
 
 def create_topic(bootstrap: str, topic: str) -> None:
@@ -209,11 +279,21 @@ def produce(bootstrap: str, topic: str, values: list[bytes], keys: list[bytes]) 
 
 
 def daemon_config(
-    bootstrap: str, topic: str, bundle_path: Path, port: int, batch: int
+    bootstrap: str,
+    topic: str,
+    bundle_path: Path,
+    port: int,
+    batch: int,
+    profile: str = "orders",
+    runtime: str | None = None,
 ) -> dict[str, Any]:
+    """The daemon's config; `runtime` None leaves model.runtime at its default (numpy)."""
     token = uuid.uuid4().hex[:8]
+    model: dict[str, Any] = {"bundle": str(bundle_path)}
+    if runtime is not None:
+        model["runtime"] = runtime
     return {
-        "profile": "orders",
+        "profile": profile,
         "log_level": "INFO",
         "kafka": {
             "bootstrap_servers": bootstrap,
@@ -222,7 +302,7 @@ def daemon_config(
             "dead_letter_topic": f"{topic}-dlq",
             "group_id": f"bench-daemon-{token}",
         },
-        "model": {"bundle": str(bundle_path)},
+        "model": model,
         "batch": {"max_batch_size": batch, "max_wait_seconds": 0.2},
         "metrics": {"host": "127.0.0.1", "port": port},
     }
@@ -445,6 +525,7 @@ def _measure(
     # Steal is time the hypervisor gave to other guests: not this machine's work, yet lost to it.
     busy = 100 - shares["idle"] - shares["iowait"] - shares["steal"]
     steady = rate_between(points, 0.1 * n, 0.9 * n)
+    held_back = metric(final, "anomaly_events_held_back_total")  # LSTM: window not full yet
     details = {
         "ready_seconds_after_spawn": ready_at - spawned,
         "first_scored_seconds_after_spawn": first_at - spawned,
@@ -459,6 +540,7 @@ def _measure(
         "mean_batch_size": metric(final, "anomaly_batch_size_sum")
         / max(1.0, metric(final, "anomaly_batch_size_count")),
         "scored": metric(final, "anomaly_events_scored_total"),
+        "held_back": held_back,
         "alerts": metric(final, "anomaly_alerts_published_total"),
         "daemon_cpu_seconds_in_window": cpu_used,
         "daemon_cpu_percent_of_one_core": 100 * cpu_used / window,
@@ -474,6 +556,7 @@ def _measure(
         f"RSS {memory.get('VmRSS', 0):.0f} MiB (peak {memory.get('VmHWM', 0):.0f}); "
         f"first scored event {first_at - spawned:.1f}s after spawn (ready at "
         f"{ready_at - spawned:.1f}s)"
+        + (f"; {held_back:,.0f} held back (window not full), not scored" if held_back else "")
         + (f"; 10-90% steady {steady:,.0f}/s" if steady else "")
         + f"; CPU: daemon {100 * cpu_used / window:.0f}% of a core, "
         + (f"broker {100 * broker_used / window:.0f}%, " if broker_pid else "")
@@ -486,62 +569,90 @@ def _measure(
 # -- baselines --------------------------------------------------------------------------------
 
 
-def seeds_way(model: Any, x: np.ndarray, sample: int) -> Scenario:
-    """The seeds' way, the baseline: one Keras `predict` call per event."""
+def seeds_way(model: Any, x: np.ndarray, sample: int, unit: str = "event") -> Scenario:
+    """The seeds' way, the baseline: one Keras `predict` call per event (LSTM: per window)."""
     model.predict(x[:1], verbose=0)  # warm-up: builds the predict function
     rows = x[1 : sample + 1]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for i in range(rows.shape[0]):
         model.predict(rows[i : i + 1], verbose=0)
     seconds = time.perf_counter() - started
     n = rows.shape[0]
     return Scenario(
-        "seeds' way: per-event model.predict",
+        f"seeds' way: per-{unit} model.predict",
         n,
         seconds,
-        f"{n} events after 1 warm-up call; {1000 * seconds / n:.1f} ms/call",
+        f"{n} {unit}s after 1 warm-up call; {1000 * seconds / n:.1f} ms/call",
+        {"cpu_percent_of_one_core": _cpu_percent(cpu, seconds)},
     )
 
 
-def batched(scorer: KerasScorer, x: np.ndarray, batch: int) -> Scenario:
+def batched(
+    scorer: Any, x: np.ndarray, batch: int, label: str = "KerasScorer", runtime: str | None = None
+) -> Scenario:
+    """`scorer.reconstruct` on batches of `batch` rows (LSTM: windows): the model's ceiling."""
     scorer.reconstruct(x[:batch])  # warm-up: traces the tf.function
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for i in range(0, x.shape[0], batch):
         scorer.reconstruct(x[i : i + batch])
     seconds = time.perf_counter() - started
     calls = -(-x.shape[0] // batch)
     return Scenario(
-        f"model only, batched: KerasScorer.reconstruct x{batch}",
+        f"model only, batched: {label}.reconstruct x{batch}",
         x.shape[0],
         seconds,
         f"{calls} calls, {1000 * seconds / calls:.2f} ms/call, after 1 warm-up call",
+        {"cpu_percent_of_one_core": _cpu_percent(cpu, seconds)},
+        runtime,
     )
 
 
 def pipeline_only(
-    b: bundles.Bundle, scorer: KerasScorer, config: dict[str, Any], values: list[bytes]
+    b: bundles.Bundle,
+    scorer: Any,
+    config: dict[str, Any],
+    values: list[bytes],
+    runtime: str | None = None,
 ) -> Scenario:
-    """decode -> features -> scale -> score -> threshold -> explain, without any Kafka."""
+    """decode -> features -> scale -> score -> threshold -> explain, without any Kafka.
+
+    A fresh pipeline: with an LSTM bundle it builds each entity's windows itself and holds
+    back the events whose window is not full yet, as the daemon does."""
     settings = config_mod.from_mapping(config)
     pipe = build_pipeline(settings, b, scorer)
     batch = settings.batch.max_batch_size
     messages = [RawMessage("bench", 0, i, None, v, 0) for i, v in enumerate(values)]
     stage_seconds = dict.fromkeys(STAGES, 0.0)
-    alerts = 0
-    started = time.perf_counter()
+    alerts = held_back = 0
+    started, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(messages), batch):
         result = pipe.process(messages[i : i + batch])
         alerts += len(result.alerts)
+        held_back += result.held_back
         for k, v in result.stage_seconds.items():
             stage_seconds[k] += v
     seconds = time.perf_counter() - started
+    name = f"pipeline only: Pipeline.process x{batch}, no Kafka"
     return Scenario(
-        f"pipeline only: Pipeline.process x{batch}, no Kafka",
+        f"{name}, {runtime} runtime" if runtime else name,
         len(messages),
         seconds,
-        f"{alerts} alerts; model warmed by the row above",
-        {"stage_seconds": stage_seconds, "alerts": alerts},
+        f"{alerts} alerts"
+        + (f"; {held_back} held back (window not full)" if held_back else "")
+        + "; model warmed by the row above",
+        {
+            "stage_seconds": stage_seconds,
+            "alerts": alerts,
+            "held_back": held_back,
+            "cpu_percent_of_one_core": _cpu_percent(cpu, seconds),
+        },
+        runtime,
     )
+
+
+def _cpu_percent(cpu_at_start: float, seconds: float) -> float:
+    """This process's CPU time (all its threads) since `cpu_at_start`, as % of one core."""
+    return 100 * (time.process_time() - cpu_at_start) / seconds if seconds > 0 else float("nan")
 
 
 def bare_consume(bootstrap: str, topic: str, n: int, timeout: float, batch: int) -> Scenario:
@@ -589,6 +700,74 @@ def _count(polled: dict[Any, list[Any]]) -> int:
     return sum(len(records) for records in polled.values())
 
 
+# -- the LSTM path's in-process rows ----------------------------------------------------------
+
+
+def lstm_rows_in_child(workdir: Path, job: dict[str, Any]) -> dict[str, Any]:
+    """Run `lstm_rows` in a child process with ROW_THREADS set before numpy and TensorFlow
+    load: one thread, as "per core" means, whatever this process was started with."""
+    job_path, out_path = workdir / "rows-job.json", workdir / "rows-out.json"
+    job_path.write_text(json.dumps({**job, "out": str(out_path)}))
+    subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--rows-job", str(job_path)],
+        cwd=ROOT,
+        env={**os.environ, **ROW_THREADS},
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(out_path.read_text())
+    return result
+
+
+def lstm_rows(job: dict[str, Any]) -> dict[str, Any]:
+    """Baseline, model-only (both runtimes) and pipeline-only rows of the LSTM path."""
+    import tensorflow as tf
+
+    # Before the first op creates TensorFlow's pools (the env vars ask for the same).
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    import keras
+
+    b = bundles.load(Path(job["bundle"]), expected_spec=SENSORS)
+    values = Path(job["events"]).read_bytes().splitlines()
+    batch: int = job["batch"]
+    windows = scaled_windows(b, values)
+    log(f"{windows.shape[0]:,} windows of {windows.shape[1]}x{windows.shape[2]}; seeds' way")
+    model = keras.models.load_model(b.path / bundles.MODEL_FILE, compile=False, safe_mode=True)
+    rows = [seeds_way(model, windows, job["sample"], unit="window")]
+    for runtime, label in (("numpy", "NumpyLSTMScorer"), ("tensorflow", "KerasScorer")):
+        scorer = b.load_scorer(runtime)  # as the daemon loads it, parity check included
+        log(f"model only and pipeline only, {runtime} runtime")
+        rows.append(batched(scorer, windows, batch, label, runtime))
+        if runtime in job["runtimes"]:
+            rows.append(pipeline_only(b, scorer, job["config"], values, runtime))
+    for r in rows:
+        r.notes += f"; CPU {r.extra['cpu_percent_of_one_core']:.0f}% of a core"
+    threads = {k: os.environ.get(k, "unset") for k in ROW_THREADS}
+    threads["tf.config intra_op"] = str(tf.config.threading.get_intra_op_parallelism_threads())
+    threads["tf.config inter_op"] = str(tf.config.threading.get_inter_op_parallelism_threads())
+    return {"rows": [asdict(r) for r in rows], "threads": threads, "windows": windows.shape[0]}
+
+
+def model_only_rows(rows: list[Scenario]) -> dict[str, Scenario]:
+    """runtime -> its model-only row: the ceiling the LSTM table compares each row with."""
+    return {r.runtime: r for r in rows if r.runtime and r.name.startswith("model only")}
+
+
+def held_back_count(keys: list[bytes], length: int) -> int:
+    """Events not scored because their entity had fewer than `length` rows: the first
+    `length - 1` of each entity."""
+    return sum(min(c, length - 1) for c in Counter(keys).values())
+
+
+def parse_runtimes(text: str) -> list[str]:
+    """--runtimes "numpy,tensorflow" -> ["numpy", "tensorflow"]: known names, no repeats."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = sorted(set(names) - set(RUNTIMES))
+    if unknown or not names:
+        raise ValueError(f"runtimes {text!r}: choose one or more of {', '.join(RUNTIMES)}")
+    return list(dict.fromkeys(names))
+
+
 # -- report -----------------------------------------------------------------------------------
 
 
@@ -627,21 +806,37 @@ def machine_info(broker_about: str) -> dict[str, Any]:
     }
 
 
-def table(rows: list[Scenario], baseline: Scenario) -> str:
-    lines = [
-        "| scenario | events/s | ratio to baseline | notes |",
-        "|---|---:|---:|---|",
-    ]
+def table(
+    rows: list[Scenario], baseline: Scenario, ceilings: dict[str, Scenario] | None = None
+) -> str:
+    """The markdown table; with `ceilings` (runtime -> model-only row) each row with a
+    runtime also gets its share of that runtime's model-only rate."""
+    if ceilings is None:
+        lines = [
+            "| scenario | events/s | ratio to baseline | notes |",
+            "|---|---:|---:|---|",
+        ]
+    else:
+        lines = [
+            "| scenario | events/s | ratio to baseline | share of model-only rate, same runtime "
+            "| notes |",
+            "|---|---:|---:|---:|---|",
+        ]
     for r in rows:
         ratio = r.rate / baseline.rate
-        lines.append(f"| {r.name} | {r.rate:,.0f} | {ratio:,.1f}x | {r.notes} |")
+        if ceilings is None:
+            lines.append(f"| {r.name} | {r.rate:,.0f} | {ratio:,.1f}x | {r.notes} |")
+            continue
+        ceiling = ceilings.get(r.runtime or "")
+        share = f"{100 * r.rate / ceiling.rate:.0f}%" if ceiling else ""
+        lines.append(f"| {r.name} | {r.rate:,.0f} | {ratio:,.1f}x | {share} | {r.notes} |")
     return "\n".join(lines)
 
 
-def stage_table(details: dict[str, Any]) -> str:
+def stage_table(details: dict[str, Any], title: str = "daemon stage") -> str:
     window = details["window_seconds"]
     lines = [
-        "| daemon stage (ready -> N consumed) | batches | total s | ms/batch | share of window |",
+        f"| {title} (ready -> N consumed) | batches | total s | ms/batch | share of window |",
         "|---|---:|---:|---:|---:|",
     ]
     for stage, v in details["stages_in_window"].items():
@@ -665,92 +860,208 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--events", type=int, default=200_000, help="events to pre-produce")
     parser.add_argument("--bootstrap", help="use this broker instead of starting the local one")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    parser.add_argument(
+        "--model",
+        choices=sorted(WORKLOADS),
+        default="dense",
+        help="dense: orders and a dense bundle; lstm: sensor readings and an LSTM bundle",
+    )
+    parser.add_argument(
+        "--runtimes",
+        help="--model lstm: a daemon and a pipeline row per runtime (default numpy,tensorflow)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="JSON results (default bench/results.json; with --model lstm results-lstm.json)",
+    )
     parser.add_argument("--bundle", type=Path, help="a bundle or registry dir (default: train)")
     parser.add_argument(
         "--batch-size", type=int, default=DEFAULT_BATCH, help="daemon batch and every batched row"
     )
     parser.add_argument("--epochs", type=int, default=5, help="epochs when training the bundle")
-    parser.add_argument("--sample", type=int, default=300, help="events for the per-event run")
+    parser.add_argument(
+        "--sample", type=int, help="events (lstm: windows) for the per-event run (300; lstm 100)"
+    )
     parser.add_argument("--anomaly-rate", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=21, help="simulator seed of the stream")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per Kafka run")
+    parser.add_argument("--rows-job", type=Path, help=argparse.SUPPRESS)  # the pinned child
     args = parser.parse_args(argv)
+    if args.rows_job:
+        job = json.loads(args.rows_job.read_text())
+        Path(job["out"]).write_text(json.dumps(lstm_rows(job)))
+        return 0
     if args.batch_size < 1 or args.events < args.batch_size:
         parser.error("--events must be at least --batch-size, and that at least 1")
+    lstm = args.model == "lstm"
+    if args.runtimes and not lstm:
+        parser.error("--runtimes needs --model lstm (the dense path's daemon runs numpy)")
+    try:
+        runtimes = parse_runtimes(args.runtimes or ",".join(RUNTIMES))
+    except ValueError as exc:
+        parser.error(str(exc))
+    sample = args.sample or (100 if lstm else 300)  # a per-window predict takes ~0.1 s
+    out = args.out or ROOT / "bench" / ("results-lstm.json" if lstm else "results.json")
+    w = WORKLOADS[args.model]
     command = " ".join(["bench/e2e.py", *(sys.argv[1:] if argv is None else argv)])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import
+    run_started = time.monotonic()
 
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         workdir = Path(tmp)
-        # Train before the broker starts, so the two never share the CPUs.
-        bundle_path = args.bundle.resolve() if args.bundle else train_bundle(workdir, args.epochs)
-        b = bundles.load(bundle_path, expected_spec=ORDERS)
-        log(f"simulating {args.events:,} orders ({args.anomaly_rate:.0%} anomalies)")
-        values, keys = make_orders(args.events, args.anomaly_rate, args.seed)
-        x = scaled_features(b, values)
-        topic = f"bench-orders-{uuid.uuid4().hex[:8]}"  # fresh: no offsets, no old records
+        # Train before the broker starts, so the two never share the CPUs. The LSTM bundle
+        # learns the stream's own 20 sensors: the simulator's seed draws their speeds.
+        if args.bundle:
+            bundle_path = args.bundle.resolve()
+        elif lstm:
+            bundle_path = train_bundle(workdir, args.epochs, "lstm", seed=args.seed)
+        else:
+            bundle_path = train_bundle(workdir, args.epochs)
+        b = bundles.load(bundle_path, expected_spec=w.spec)
+        if b.kind != args.model:
+            parser.error(f"--bundle holds a {b.kind} model, not {args.model}")
+        log(f"simulating {args.events:,} {w.noun} ({args.anomaly_rate:.0%} anomalies)")
+        values, keys = make_events(w, args.events, args.anomaly_rate, args.seed)
+        held_back = held_back_count(keys, b.window_length) if b.window_length else 0
+        # Dense rows score these rows; the LSTM child builds its windows from the events.
+        x = np.empty(0) if lstm else scaled_features(b, values)
+        topic = f"bench-{w.profile}-{uuid.uuid4().hex[:8]}"  # fresh: no offsets, no old records
 
+        daemons: list[Scenario] = []
+        daemon_details: dict[str, dict[str, Any]] = {}
         with broker(args.bootstrap) as kafka:
             bootstrap = kafka.bootstrap
             info = machine_info(kafka.about)
-            config = daemon_config(bootstrap, topic, bundle_path, free_port(), args.batch_size)
-            k = config["kafka"]
+            # Dense: one daemon at the config's default runtime (numpy), as before.
+            configs = {
+                runtime: daemon_config(
+                    bootstrap,
+                    topic,
+                    bundle_path,
+                    free_port(),
+                    args.batch_size,
+                    w.profile,
+                    runtime if lstm else None,
+                )
+                for runtime in (runtimes if lstm else ["numpy"])
+            }
+            k = next(iter(configs.values()))["kafka"]  # every daemon's topics are the same
             try:
                 create_topic(bootstrap, topic)
                 produce_seconds = produce(bootstrap, topic, values, keys)
                 log(f"produced {args.events:,} to {topic} in {produce_seconds:.1f}s")
-                log("daemon end to end")
-                daemon, details = run_daemon(config, workdir, args.events, args.timeout, kafka.pid)
-                log(f"daemon: {daemon.rate:,.0f} events/s; bare consume")
+                for runtime, config in configs.items():
+                    log(f"daemon end to end ({runtime} runtime)")
+                    daemon, details = run_daemon(
+                        config, workdir, args.events, args.timeout, kafka.pid
+                    )
+                    if lstm:
+                        daemon.name, daemon.runtime = f"{daemon.name}, {runtime} runtime", runtime
+                    daemons.append(daemon)
+                    daemon_details[runtime] = details
+                    log(f"daemon: {daemon.rate:,.0f} events/s")
+                log("bare consume")
                 bare = bare_consume(bootstrap, topic, args.events, args.timeout, args.batch_size)
             finally:
                 delete_topics(bootstrap, [topic, k["alert_topic"], k["dead_letter_topic"]])
 
         # In-process rows after the broker has stopped: nothing else wants the CPUs then.
-        import keras
+        config = next(iter(configs.values()))
+        threads: dict[str, str] | None = None
+        if lstm:
+            events_file = workdir / "events.jsonl"
+            events_file.write_bytes(b"\n".join(values) + b"\n")
+            log("model and pipeline rows, in a child process on one thread")
+            job = {
+                "bundle": str(bundle_path),
+                "events": str(events_file),
+                "batch": args.batch_size,
+                "sample": sample,
+                "runtimes": runtimes,
+                "config": config,
+            }
+            child = lstm_rows_in_child(workdir, job)
+            in_process = [Scenario(**r) for r in child["rows"]]
+            threads = child["threads"]
+            seeds = in_process[0]
+            ceilings = model_only_rows(in_process).values()
+            pipes = [r for r in in_process if r.name.startswith("pipeline only")]
+            rows = [*daemons, seeds, *ceilings, *pipes, bare]
+        else:
+            import keras
 
-        log("model and pipeline rows")
-        model_file = b.path / bundles.MODEL_FILE
-        model = keras.models.load_model(model_file, compile=False, safe_mode=True)
-        seeds = seeds_way(model, x, args.sample)
-        scorer = KerasScorer.load(model_file, b.kind)
-        model_only = batched(scorer, x, args.batch_size)
-        pipe = pipeline_only(b, scorer, config, values)
+            log("model and pipeline rows")
+            model_file = b.path / bundles.MODEL_FILE
+            model = keras.models.load_model(model_file, compile=False, safe_mode=True)
+            seeds = seeds_way(model, x, sample)
+            scorer = KerasScorer.load(model_file, b.kind)
+            model_only = batched(scorer, x, args.batch_size)
+            pipe = pipeline_only(b, scorer, config, values)
+            rows = [*daemons, seeds, model_only, pipe, bare]
 
-    rows = [daemon, seeds, model_only, pipe, bare]
     info["load_average_at_end"] = list(os.getloadavg())
+    shares = model_only_rows(rows) if lstm else None
+    scenarios = []
+    for r in rows:
+        entry = {**asdict(r), "events_per_second": r.rate, "ratio_to_baseline": r.rate / seeds.rate}
+        ceiling = shares.get(r.runtime) if shares and r.runtime else None
+        if ceiling is not None:
+            entry["ratio_to_model_only_same_runtime"] = r.rate / ceiling.rate
+        scenarios.append(entry)
+    settings: dict[str, Any] = {
+        "model": args.model,
+        "events": args.events,
+        "anomaly_rate": args.anomaly_rate,
+        "seed": args.seed,
+        "partitions": PARTITIONS,
+        "batch": config["batch"],
+        "bundle": {"version": b.version, "kind": b.kind, "trained_here": args.bundle is None},
+        "produce_seconds": produce_seconds,
+    }
+    if lstm:
+        settings["bundle"]["window_length"] = b.window_length
+        settings["runtimes"] = runtimes
+        settings["entities"] = len(set(keys))
+        settings["held_back_expected"] = held_back
+        settings["in_process_rows_threads"] = threads
     results = {
         "command": command,
         "machine": info,
-        "settings": {
-            "events": args.events,
-            "anomaly_rate": args.anomaly_rate,
-            "seed": args.seed,
-            "partitions": PARTITIONS,
-            "batch": config["batch"],
-            "bundle": {"version": b.version, "kind": b.kind, "trained_here": args.bundle is None},
-            "produce_seconds": produce_seconds,
-        },
+        "settings": settings,
         "baseline": seeds.name,
-        "scenarios": [
-            {**asdict(r), "events_per_second": r.rate, "ratio_to_baseline": r.rate / seeds.rate}
-            for r in rows
-        ],
-        "daemon": details,
+        "scenarios": scenarios,
+        "daemon": daemon_details[next(iter(configs))],
+        **({"daemons": daemon_details} if lstm else {}),
+        "seconds_total": time.monotonic() - run_started,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
 
-    print(
-        f"\n{args.events:,} orders, {PARTITIONS} partitions, batch {args.batch_size}; "
+    versions = (
         f"nproc {info['nproc']}, Python {info['python']}, TensorFlow {info['tensorflow']}, "
-        f"kafka-python {info['kafka-python']}; {info['date_utc']}\n"
+        f"kafka-python {info['kafka-python']}; {info['date_utc']}"
     )
-    print(table(rows, seeds))
-    print()
-    print(stage_table(details))
-    print(f"\nresults written to {_shown(args.out)}")
+    if lstm:
+        assert threads is not None and b.window_length is not None
+        print(
+            f"\n{args.events:,} {w.noun} ({len(set(keys))} sensors), LSTM windows of "
+            f"{b.window_length} rows ({held_back:,} events held back, not scored), "
+            f"{PARTITIONS} partitions, batch {args.batch_size}; {versions}"
+        )
+        print("model and pipeline rows: " + ", ".join(f"{k}={v}" for k, v in threads.items()))
+        print()
+    else:
+        print(
+            f"\n{args.events:,} orders, {PARTITIONS} partitions, batch {args.batch_size}; "
+            f"{versions}\n"
+        )
+    print(table(rows, seeds, shares))
+    for runtime, details in daemon_details.items():
+        print()
+        print(stage_table(details, f"daemon, {runtime} runtime: stage" if lstm else "daemon stage"))
+    print(f"\nresults written to {_shown(out)}")
+    log(f"done in {time.monotonic() - run_started:.0f}s")
     return 0
 
 
