@@ -10,6 +10,8 @@ A bundle is a directory:
     scaler.json          StandardScaler fitted on the training features
     feature_spec.json    the FeatureSpec the model was trained with
     threshold.json       held-out reconstruction errors: the threshold's warm start
+    drift.json           the training distribution of each scaled feature and of the
+                         held-out scores, for drift monitoring (streamer/drift.py); optional
     manifest.json        version, creation time, data summary, training metrics, file hashes
 
 The manifest's `model_kind` says which model the bundle holds: "dense" scores one event's
@@ -33,6 +35,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from streamer.drift import DriftReference
 from streamer.features import FeatureSpec
 from streamer.scaler import StandardScaler
 
@@ -45,10 +48,11 @@ MANIFEST_FILE = "manifest.json"
 DENSE_WEIGHTS_FILE = "dense_weights.npz"
 LSTM_WEIGHTS_FILE = "lstm_weights.npz"
 PARITY_FILE = "parity.json"
+DRIFT_FILE = "drift.json"
 CONTENT_FILES = (MODEL_FILE, SCALER_FILE, SPEC_FILE, THRESHOLD_FILE)
 # Hashed and verified when the manifest lists them (bundles written before them lack them,
 # and a bundle has only its own kind's weights file).
-OPTIONAL_FILES = (DENSE_WEIGHTS_FILE, LSTM_WEIGHTS_FILE, PARITY_FILE)
+OPTIONAL_FILES = (DENSE_WEIGHTS_FILE, LSTM_WEIGHTS_FILE, PARITY_FILE, DRIFT_FILE)
 # model_kind -> the weights file its numpy runtime loads.
 NUMPY_WEIGHTS = {"dense": DENSE_WEIGHTS_FILE, "lstm": LSTM_WEIGHTS_FILE}
 PARITY_TOLERANCE = 1e-4
@@ -89,6 +93,8 @@ class Bundle:
     spec: FeatureSpec
     scaler: StandardScaler
     warm_start: np.ndarray
+    # The training distributions (drift.json); None for a bundle written without them.
+    drift: DriftReference | None = None
 
     @property
     def version(self) -> str:
@@ -230,6 +236,12 @@ def load(path: Path, expected_spec: FeatureSpec | None = None) -> Bundle:
         warm = msgspec.json.decode((root / THRESHOLD_FILE).read_bytes(), type=WarmStart)
     except (msgspec.DecodeError, ValueError) as exc:
         raise BundleError(f"{root}: {exc}") from exc
+    drift = None
+    if DRIFT_FILE in manifest.files:
+        try:
+            drift = msgspec.json.decode((root / DRIFT_FILE).read_bytes(), type=DriftReference)
+        except msgspec.DecodeError as exc:
+            raise BundleError(f"{root / DRIFT_FILE}: {exc}") from exc
     if expected_spec is not None and spec != expected_spec:
         raise BundleError(
             f"{SPEC_FILE}: the bundle's feature spec differs from the configured one "
@@ -239,7 +251,10 @@ def load(path: Path, expected_spec: FeatureSpec | None = None) -> Bundle:
         raise BundleError(f"{SCALER_FILE}: feature_names differ from the feature spec's")
     if manifest.feature_names != spec.feature_names():
         raise BundleError(f"{MANIFEST_FILE}: feature_names differ from the feature spec's")
-    return Bundle(root, manifest, spec, scaler, np.array(warm.errors, dtype=np.float64))
+    if drift is not None and list(drift.features) != spec.feature_names():
+        raise BundleError(f"{DRIFT_FILE}: features differ from the feature spec's")
+    warm_start = np.array(warm.errors, dtype=np.float64)
+    return Bundle(root, manifest, spec, scaler, warm_start, drift)
 
 
 def spec_difference(a: FeatureSpec, b: FeatureSpec) -> str:

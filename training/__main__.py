@@ -7,12 +7,17 @@ import csv
 import logging
 import sys
 import time
+from datetime import datetime
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from streamer import config as config_mod
+
+if TYPE_CHECKING:
+    from training.datasets import History
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +43,28 @@ def main(argv: list[str] | None = None) -> int:
         "fit", help="train a dense or LSTM autoencoder (training.model) and write a model bundle"
     )
     fit.add_argument("--config", required=True, type=Path, help="the daemon's TOML settings")
-    fit.add_argument("--events", required=True, type=Path, help="JSON-lines training history")
+    source = fit.add_mutually_exclusive_group(required=True)
+    source.add_argument("--events", type=Path, help="JSON-lines training history")
+    source.add_argument("--topic", help="Kafka topic to read the training history from")
+    fit.add_argument(
+        "--bootstrap", help="Kafka bootstrap servers (default: the config's kafka section)"
+    )
+    start = fit.add_mutually_exclusive_group()
+    start.add_argument(
+        "--from-offset", type=int, metavar="N", help="first offset, in every partition"
+    )
+    start.add_argument(
+        "--since", type=_time, metavar="ISO8601", help="first record at or after this time"
+    )
+    end = fit.add_mutually_exclusive_group()
+    end.add_argument(
+        "--to-offset", type=int, metavar="M", help="end offset (exclusive), in every partition"
+    )
+    end.add_argument(
+        "--until", type=_time, metavar="ISO8601", help="end at the first record at/after this"
+    )
     fit.add_argument("--out", type=Path, help="registry dir (default: the config's model.bundle)")
-    fit.add_argument("--verbose", action="store_true", help="print Keras progress per epoch")
+    fit.add_argument("--verbose", action="store_true", help="also print Keras's own progress")
 
     sub.add_parser(
         "evaluate",
@@ -124,22 +148,50 @@ def _produce(stream, args: argparse.Namespace, writer) -> int:  # type: ignore[n
     return anomalies
 
 
+def _time(text: str) -> datetime:
+    from training.sources import parse_time
+
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 time: {text!r} (like 2024-05-01T12:00:00Z)"
+        ) from None
+
+
 def _fit(args: argparse.Namespace) -> int:
     from streamer.bundle import BundleError
+    from training.bundle_report import REPORT_FILE
     from training.datasets import read_jsonl
     from training.fit import fit_bundle
 
+    ranged = (args.from_offset, args.to_offset, args.since, args.until, args.bootstrap)
+    if args.events is not None and any(v is not None for v in ranged):
+        print("training fit: range and --bootstrap options go with --topic", file=sys.stderr)
+        return 2
     try:
         settings = config_mod.load(args.config)
     except config_mod.ConfigError as exc:
         print(f"training: config error: {exc}", file=sys.stderr)
         return 2
     registry = args.out or Path(settings.model.bundle)
-    history = read_jsonl(settings.spec, args.events)
+    history: History
+    if args.events is not None:
+        history, source = read_jsonl(settings.spec, args.events), args.events.name
+    else:
+        from kafka.errors import KafkaError
+
+        from training.sources import SourceError
+
+        try:
+            history, source = _read_topic(args, settings)
+        except (ValueError, SourceError, KafkaError) as exc:
+            print(f"training: topic {args.topic}: {exc}", file=sys.stderr)
+            return 2
     try:
         b = fit_bundle(
-            settings.spec, history, settings.training, registry, source=args.events.name,
-            verbose=2 if args.verbose else 0,
+            settings.spec, history, settings.training, registry, source=source,
+            verbose=2 if args.verbose else 0, report=True,
         )  # fmt: skip
     except (ValueError, BundleError) as exc:
         print(f"training: {exc}", file=sys.stderr)
@@ -149,7 +201,21 @@ def _fit(args: argparse.Namespace) -> int:
         f"bundle {b.version} written to {b.path} ({b.manifest.data['events']} events, "
         f"{t['epochs_run']} epochs, best val loss {t['best_val_loss']:.4g})"
     )
+    if (b.path / REPORT_FILE).is_file():
+        print(f"report: {b.path / REPORT_FILE}")
     return 0
+
+
+def _read_topic(args: argparse.Namespace, settings: config_mod.Settings) -> tuple[History, str]:
+    """The topic range the arguments name, read with the config's Kafka security settings."""
+    from streamer.kafka_io import common_options
+    from training.sources import TopicRange, read_topic
+
+    kafka = settings.kafka
+    if args.bootstrap:
+        kafka = msgspec.structs.replace(kafka, bootstrap_servers=args.bootstrap)
+    selection = TopicRange(args.topic, args.from_offset, args.to_offset, args.since, args.until)
+    return read_topic(settings.spec, common_options(kafka), selection)
 
 
 if __name__ == "__main__":

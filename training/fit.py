@@ -16,6 +16,7 @@ import numpy as np
 
 from streamer import bundle as bundles
 from streamer.config import TrainingSettings
+from streamer.drift import build_reference
 from streamer.features import FeatureSpec
 from streamer.lean import NumpyDenseScorer, NumpyLSTMScorer
 from streamer.scaler import StandardScaler
@@ -36,6 +37,7 @@ class _Split:
     x_train: np.ndarray
     x_val: np.ndarray  # held out, in event order
     data: dict[str, Any]  # for the manifest's data summary
+    rows_train: np.ndarray  # the scaled training rows (n, d): the drift reference's features
 
 
 def fit_bundle(
@@ -45,11 +47,14 @@ def fit_bundle(
     registry: Path,
     source: str,
     verbose: int = 0,
+    report: bool = False,
 ) -> bundles.Bundle:
     """Train on `history`, write `<registry>/<version>/`, point `<registry>/current` at it.
 
     `training.model` picks the model: "dense" scores one event's row, "lstm" the window of
-    its entity's last `training.window_length` rows (needs `history.keys`).
+    its entity's last `training.window_length` rows (needs `history.keys`). Each epoch is
+    logged at INFO whatever `verbose` (Keras's own progress). `report` also writes
+    `report.html` (training/bundle_report.py) into the bundle, outside its hashed files.
     """
     import keras
 
@@ -83,17 +88,24 @@ def fit_bundle(
         epochs=training.epochs,
         batch_size=training.batch_size,
         shuffle=True,
-        callbacks=[stop],
+        callbacks=[stop, _epoch_logger(keras, training.epochs)],
         verbose=verbose,
     )  # fmt: skip
     history_dict: dict[str, list[float]] = {
         k: [float(v) for v in vs] for k, vs in fitted.history.items()
     }
+    if len(history_dict["loss"]) < training.epochs:
+        log.info(
+            "early stop after epoch %d/%d: val_loss has not improved for %d epochs",
+            len(history_dict["loss"]), training.epochs, training.patience,
+        )  # fmt: skip
     # Held-out errors, in event order: what the live stream should look like to the threshold.
     # An event's score is the mean over its row's (or window's) features and steps.
-    per_input = tuple(range(1, x_val.ndim))
-    val_scores = reconstruction_errors(x_val, model.predict(x_val, verbose=0)).mean(axis=per_input)
+    val_errors = reconstruction_errors(x_val, model.predict(x_val, verbose=0))
+    val_scores = val_errors.mean(axis=tuple(range(1, x_val.ndim)))
     quantiles = {str(q): float(np.quantile(val_scores, q)) for q in WARM_START_QUANTILES}
+    # Which features the model rebuilds worst on held-out data (the report's bar chart).
+    feature_error = val_errors.mean(axis=tuple(range(x_val.ndim - 1)))
 
     registry.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry))
@@ -111,6 +123,8 @@ def fit_bundle(
         (staging / bundles.SPEC_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(spec)))
         warm = bundles.WarmStart(errors=val_scores.tolist(), quantiles=quantiles)
         (staging / bundles.THRESHOLD_FILE).write_bytes(msgspec.json.encode(warm))
+        drift = build_reference(names, split.rows_train, val_scores)
+        (staging / bundles.DRIFT_FILE).write_bytes(msgspec.json.encode(drift))
         best = int(np.argmin(history_dict["val_loss"]))
         manifest = bundles.write_manifest(
             staging,
@@ -127,9 +141,22 @@ def fit_bundle(
                 "final_loss": history_dict["loss"][-1],
                 "history": history_dict,
                 "val_error_quantiles": quantiles,
+                "val_feature_error": dict(zip(names, feature_error.tolist(), strict=True)),
                 "seconds": round(time.monotonic() - started, 2),
             },
         )
+        if report:
+            # After the manifest: a report documents the bundle and is not part of its
+            # version (bundles.load ignores files the manifest does not list).
+            from training.bundle_report import REPORT_FILE, write_report
+
+            try:
+                write_report(staging, manifest, val_scores)
+            except ImportError as exc:  # matplotlib: a dev extra, not a training need
+                log.warning("no report.html: %s", exc)
+            except Exception:  # a broken plot must not cost the trained model
+                log.exception("no report.html: writing it failed")
+                (staging / REPORT_FILE).unlink(missing_ok=True)
         target = registry / manifest.version
         if target.exists():
             shutil.rmtree(target)
@@ -156,11 +183,13 @@ def _dense_split(spec: FeatureSpec, history: History, training: TrainingSettings
     scaler = StandardScaler.fit(
         history.features[train_idx], spec.standardized(), spec.feature_names()
     )
+    x_train = scaler.transform(history.features[train_idx])
     return _Split(
         scaler,
-        scaler.transform(history.features[train_idx]),
+        x_train,
         scaler.transform(history.features[val_idx]),
         _data_summary(history, n_train=train_idx.size, n_val=n_val),
+        rows_train=x_train,
     )
 
 
@@ -193,10 +222,31 @@ def _window_split(
     scaler = StandardScaler.fit(
         history.features[:boundary], spec.standardized(), spec.feature_names()
     )
-    windows, _ = sliding_windows(history.keys, scaler.transform(history.features), length)
+    scaled = scaler.transform(history.features)
+    windows, _ = sliding_windows(history.keys, scaled, length)
     data = _data_summary(history, n_train=boundary, n_val=n - boundary)
     data["windows"] = {"length": length, "train": m - n_val, "validation": n_val}
-    return _Split(scaler, windows[: m - n_val], windows[m - n_val :], data)
+    # The daemon sees rows one by one, so the drift reference is per row, not per window.
+    return _Split(scaler, windows[: m - n_val], windows[m - n_val :], data, scaled[:boundary])
+
+
+def _epoch_logger(keras: Any, epochs: int) -> Any:
+    """A callback that logs each epoch's losses and time: progress a person can follow
+    without Keras's per-batch output (`--verbose`)."""
+    started = [time.monotonic()]
+
+    def begin(epoch: int, logs: dict[str, float] | None = None) -> None:
+        started[0] = time.monotonic()
+
+    def end(epoch: int, logs: dict[str, float] | None = None) -> None:
+        logs = logs or {}
+        log.info(
+            "epoch %d/%d: loss %.4g, val_loss %.4g (%.1f s)",
+            epoch + 1, epochs, logs.get("loss", float("nan")),
+            logs.get("val_loss", float("nan")), time.monotonic() - started[0],
+        )  # fmt: skip
+
+    return keras.callbacks.LambdaCallback(on_epoch_begin=begin, on_epoch_end=end)
 
 
 def _data_summary(history: History, n_train: int, n_val: int) -> dict[str, Any]:

@@ -32,6 +32,7 @@ def test_registry_current_and_contents(orders_registry: Path) -> None:
         *bundles.CONTENT_FILES,
         bundles.DENSE_WEIGHTS_FILE,
         bundles.PARITY_FILE,
+        bundles.DRIFT_FILE,
     }
     assert b.window_length is None
 
@@ -43,6 +44,7 @@ def test_lstm_bundle_contents(sensors_lstm_registry: Path) -> None:
         *bundles.CONTENT_FILES,
         bundles.LSTM_WEIGHTS_FILE,
         bundles.PARITY_FILE,
+        bundles.DRIFT_FILE,
     }
     windows = b.manifest.data["windows"]
     # 4000 readings of 20 sensors: each sensor's first 9 complete no window.
