@@ -181,12 +181,23 @@ def replay(pipeline: Any, series: Series, fields: list[str], batch_size: int, to
     encode = msgspec.json.Encoder().encode
     topic = series.name
     heap: list[tuple[float, int, Alert]] = []
-    for a in range(n0, series.n, batch_size):
-        b = min(series.n, a + batch_size)
-        messages = [
+
+    def batch(a: int, b: int) -> list[RawMessage]:
+        return [
             RawMessage(topic, 0, a + k, None, encode(row), int(series.seconds[a + k] * 1000))
             for k, row in enumerate(series.event_rows(fields, a, b))
         ]
+
+    if pipeline.state.needs_history:
+        # A daemon that ran through the training period holds its per-entity state (aggregates,
+        # windows, entity thresholds): rebuild it from the training rows as the daemon's restore
+        # does (replay=True: no alerts, global threshold untouched), so the test part does not
+        # start from empty state.
+        for a in range(0, n0, batch_size):
+            pipeline.process(batch(a, min(n0, a + batch_size)), replay=True)
+    for a in range(n0, series.n, batch_size):
+        b = min(series.n, a + batch_size)
+        messages = batch(a, b)
         result = pipeline.process(messages)
         run.dead_letters += len(result.dead_letters)
         dead = {d.message.offset for d in result.dead_letters}
