@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from streamer import bundle as bundles
 from streamer import kafka_io
 from streamer.config import Settings
+from streamer.control import ControlError, ControlState
 from streamer.delivery import (
     DeliveryError,
     FatalDeliveryError,
@@ -46,7 +47,9 @@ STATUS_LOG_SECONDS = 10.0
 BACKOFF_START_SECONDS = 0.5
 
 
-def build_pipeline(settings: Settings, bundle: bundles.Bundle, scorer: Any) -> Pipeline:
+def build_pipeline(
+    settings: Settings, bundle: bundles.Bundle, scorer: Any, control: ControlState | None = None
+) -> Pipeline:
     t = settings.threshold
     threshold = RollingQuantileThreshold(
         t.window_size, t.quantile, t.min_samples, bundle.warm_start, learn=t.learn
@@ -61,6 +64,7 @@ def build_pipeline(settings: Settings, bundle: bundles.Bundle, scorer: Any) -> P
         max_message_bytes=settings.alerts.max_message_bytes,
         state=EntityState.build(settings, bundle.spec, scorer.window_length),
         publish_alerts=settings.incidents.publish_alerts or not settings.incidents.enabled,
+        control=control,
     )
 
 
@@ -100,6 +104,11 @@ class Detector:
         self._clear_state = False
         self._restore: set[TopicPartition] = set()
         self._next_metadata = 0.0
+        c = settings.control
+        self._side_topics = [t for t in (c.topic, c.feedback_topic) if t]
+        self._control = ControlState(c) if self._side_topics else None
+        self._follower: kafka_io.TopicFollower | None = None
+        self._threshold_changes_applied = 0
         self._backoff = Backoff(settings.kafka.retry_backoff_max_seconds)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -142,7 +151,9 @@ class Detector:
         """Score from now on with this bundle; its threshold starts from its own warm start."""
         if self._bundle is not None:
             self.metrics.model_info.remove(*_info_labels(self._bundle))
-        self._pipeline = build_pipeline(self.settings, bundle, scorer)
+        self._pipeline = build_pipeline(self.settings, bundle, scorer, self._control)
+        self._threshold_changes_applied = 0  # runtime threshold settings apply anew
+        self._apply_threshold_control()
         if self._consumer is not None:  # a reload: the new pipeline starts without state
             self._restore = set(self._consumer.assignment())
         self._bundle = bundle
@@ -179,7 +190,12 @@ class Detector:
         k = self.settings.kafka
         while not self.should_exit:
             try:
-                kafka_io.prepare_topics(k)
+                kafka_io.prepare_topics(k, self._side_topics)
+                if self._control is not None and self._follower is None:
+                    # What was said before this replica started applies before its first batch.
+                    follower = kafka_io.TopicFollower(k, self._side_topics)
+                    self._apply_control(follower.catch_up(k.delivery_timeout_seconds))
+                    self._follower = follower
                 if self._consumer is None:
                     consumer = kafka_io.make_consumer(k)
                     self._outbox = make_outbox(k, consumer)
@@ -223,6 +239,7 @@ class Detector:
         next_check = next_status = 0.0
         reload_every = self.settings.model.reload_check_seconds
         next_reload = time.monotonic() + reload_every
+        next_control = 0.0
         try:
             while not self.should_exit:
                 self.heartbeat.beat()
@@ -259,6 +276,12 @@ class Detector:
                 if reload_every and now >= next_reload:
                     self._maybe_reload()
                     next_reload = now + reload_every
+                if self._follower is not None and now >= next_control:
+                    try:
+                        self._apply_control(self._follower.poll())
+                    except KafkaError as exc:  # the next poll retries; scoring goes on
+                        log.warning("control topics: %s", exc)
+                    next_control = now + self.settings.control.poll_seconds
                 if now >= next_status:
                     self._log_status()
                     next_status = now + STATUS_LOG_SECONDS
@@ -272,6 +295,9 @@ class Detector:
         if self._consumer is not None:
             self._consumer.close(autocommit=False)
             self._consumer = None
+        if self._follower is not None:
+            self._follower.close()
+            self._follower = None
         if self._outbox is not None:
             self._outbox.close()
             self._outbox = None
@@ -280,6 +306,56 @@ class Detector:
             self._server = None
         if self._pipeline is not None:
             self._log_status()
+
+    # -- runtime control ---------------------------------------------------------------------
+
+    def _apply_control(self, records: list[Any]) -> None:
+        """Apply control and feedback messages, in order, between batches; log each one."""
+        control = self._control
+        if control is None or not records:
+            return
+        for r in records:
+            if r.topic == self.settings.control.topic:
+                try:
+                    action = control.apply_control(r.value)
+                except ControlError as exc:
+                    self.metrics.control_messages.labels(_action_of(r.value), "refused").inc()
+                    log.warning("%s[%d]@%d: %s", r.topic, r.partition, r.offset, exc)
+                    continue
+                self.metrics.control_messages.labels(action, "applied").inc()
+                log.info("control applied: %s", r.value.decode("utf-8", "replace"))
+            else:
+                try:
+                    kind, outcome = control.apply_feedback(r.value, r.key)
+                except ControlError as exc:
+                    self.metrics.feedback.labels("unknown", "refused").inc()
+                    log.warning("%s[%d]@%d: %s", r.topic, r.partition, r.offset, exc)
+                    continue
+                self.metrics.feedback.labels(kind, outcome).inc()
+                log.info("feedback %s (%s): %s", kind, outcome, r.value.decode("utf-8", "replace"))
+        self._apply_threshold_control()
+
+    def _apply_threshold_control(self) -> None:
+        control, pipeline = self._control, self._pipeline
+        if pipeline is None:
+            return
+        if (
+            control is not None
+            and control.threshold is not None
+            and control.threshold_changes != self._threshold_changes_applied
+        ):
+            t = control.threshold
+            pipeline.threshold.reconfigure(t.quantile, t.window_size)
+            self._threshold_changes_applied = control.threshold_changes
+            log.info(
+                "threshold now q=%s over %d scores: %.4g",
+                pipeline.threshold.quantile, pipeline.threshold.window_size,
+                pipeline.threshold.value,
+            )  # fmt: skip
+        if control is not None:
+            self.metrics.record_control(control, pipeline.threshold.quantile)
+        else:
+            self.metrics.threshold_quantile.set(pipeline.threshold.quantile)
 
     # -- per-entity state ------------------------------------------------------------------
 
@@ -344,6 +420,11 @@ class Detector:
             messages, self._buffer = self._buffer, []
             result = self._pipeline.process(messages)
             self.metrics.record_batch(result)
+            if self._control is not None and self.settings.control.feedback_topic:
+                self._control.remember(
+                    [a.alert_id for a in result.alerts] + [i.incident_id for i in result.incidents],
+                    [a.entity for a in result.alerts] + [i.entity for i in result.incidents],
+                )
             self.metrics.record_state(self._pipeline.state)
             try:
                 self._outbox.add(result, kafka_io.next_offsets(messages))
@@ -436,6 +517,18 @@ class Detector:
             total("anomaly_events_consumed_total"), total("anomaly_events_scored_total"),
             total("anomaly_alerts_published_total"), rejected, self._pipeline.threshold.value,
         )  # fmt: skip
+
+
+def _action_of(value: bytes | None) -> str:
+    """The action a refused control message named, if it is one we know (metric label)."""
+    import json
+
+    try:
+        action = json.loads(value or b"").get("action")
+    except (ValueError, AttributeError):
+        return "unknown"
+    known = {"set_threshold", "set_entity_threshold", "clear_entity_threshold", "mute", "unmute"}
+    return action if action in known else "unknown"
 
 
 def _info_labels(bundle: bundles.Bundle) -> tuple[str, str, str, str]:

@@ -209,6 +209,24 @@ class IncidentSettings(_Section, frozen=True):
             raise ValueError("incidents.quiet_seconds must be > 0")
 
 
+class ControlSettings(_Section, frozen=True):
+    """Runtime control and feedback topics (see streamer/control.py for the messages)."""
+
+    topic: str | None = None  # control messages; every replica reads all of it
+    feedback_topic: str | None = None  # subscribers' ack / false_positive messages
+    poll_seconds: float = 1.0  # how often to look for new messages, between batches
+    false_positive_factor: float = 1.25  # each false positive multiplies the threshold
+    max_factor: float = 4.0  # bound on the product
+
+    def __post_init__(self) -> None:
+        if self.topic is not None and self.topic == self.feedback_topic:
+            raise ValueError("control.topic and control.feedback_topic must differ")
+        if self.poll_seconds <= 0:
+            raise ValueError("control.poll_seconds must be > 0")
+        if not 1.0 <= self.false_positive_factor <= self.max_factor:
+            raise ValueError("control: 1 <= false_positive_factor <= max_factor")
+
+
 class MetricsSettings(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: int = 9108  # 0 picks a free port (tests)
@@ -259,6 +277,7 @@ class Settings(_Section, frozen=True):
     threshold: ThresholdSettings = msgspec.field(default_factory=ThresholdSettings)
     state: StateSettings = msgspec.field(default_factory=StateSettings)
     incidents: IncidentSettings = msgspec.field(default_factory=IncidentSettings)
+    control: ControlSettings = msgspec.field(default_factory=ControlSettings)
     alerts: AlertSettings = msgspec.field(default_factory=AlertSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     training: TrainingSettings = msgspec.field(default_factory=TrainingSettings)

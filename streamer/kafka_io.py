@@ -47,8 +47,10 @@ def transactional_id(kafka: KafkaSettings) -> str:
     return kafka.transactional_id or f"{kafka.group_id}-{socket.gethostname()}"
 
 
-def prepare_topics(kafka: KafkaSettings) -> None:
-    """Check the input topic exists; create the alert and dead-letter topics if allowed."""
+def prepare_topics(kafka: KafkaSettings, side_topics: Sequence[str] = ()) -> None:
+    """Check the input topic exists; create the alert and dead-letter topics, and the
+    `side_topics` (control, feedback: one partition, so their messages stay in order), if
+    allowed."""
     admin = KafkaAdminClient(**common_options(kafka))
     try:
         existing = set(admin.list_topics())
@@ -57,14 +59,17 @@ def prepare_topics(kafka: KafkaSettings) -> None:
                 f"kafka.input_topic: topic {kafka.input_topic!r} does not exist on "
                 f"{','.join(kafka.servers)}"
             )
-        missing = [t for t in (kafka.alert_topic, kafka.dead_letter_topic) if t not in existing]
+        wanted = [kafka.alert_topic, kafka.dead_letter_topic, *side_topics]
+        missing = [t for t in wanted if t not in existing]
         if missing and not kafka.create_output_topics:
             raise StartupError(
-                f"kafka: output topic(s) {missing} do not exist and "
-                "kafka.create_output_topics is false"
+                f"kafka: topic(s) {missing} do not exist and kafka.create_output_topics is false"
             )
         if missing:
-            new = [NewTopic(t, kafka.output_topic_partitions, 1) for t in missing]
+            new = [
+                NewTopic(t, 1 if t in side_topics else kafka.output_topic_partitions, 1)
+                for t in missing
+            ]
             try:
                 admin.create_topics(new, wait_for_metadata=True)
                 log.info("created topics %s", missing)
@@ -205,3 +210,50 @@ def read_tails(
     finally:
         consumer.close()
     return {tp: to_raw(records) for tp, records in out.items() if records}
+
+
+class TopicFollower:
+    """Every partition of some topics, from the beginning, outside any group.
+
+    For the control and feedback topics: every replica must see every message, and a
+    replica that starts late must catch up on what was said before it started.
+    """
+
+    def __init__(self, kafka: KafkaSettings, topics: Sequence[str]) -> None:
+        self._consumer = KafkaConsumer(
+            **common_options(kafka),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+        )
+        partitions: list[TopicPartition] = []
+        for topic in topics:
+            ids = self._consumer.partitions_for_topic(topic)
+            if not ids:
+                self._consumer.close()
+                raise StartupError(f"control: topic {topic!r} has no partitions (does it exist?)")
+            partitions += [TopicPartition(topic, p) for p in sorted(ids)]
+        self._consumer.assign(partitions)
+        self._consumer.seek_to_beginning(*partitions)
+        self._partitions = partitions
+
+    def catch_up(self, timeout_seconds: float) -> list[Any]:
+        """Everything up to the end offsets as of now (a start-up read)."""
+        end = self._consumer.end_offsets(self._partitions)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout_seconds
+        while any(self._consumer.position(tp) < end[tp] for tp in self._partitions):
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(
+                    f"control topics not read to their end in {timeout_seconds}s"
+                )
+            records += self.poll(timeout_ms=200)
+        return records
+
+    def poll(self, timeout_ms: int = 0) -> list[Any]:
+        polled = self._consumer.poll(timeout_ms=timeout_ms)
+        return [r for tp in sorted(polled) for r in polled[tp]]
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from streamer import delivery, pipeline
+from streamer.control import ControlState
 from streamer.pipeline import BatchResult
 from streamer.state import EntityState
 
@@ -111,6 +112,29 @@ class Metrics:
         )
         for status in ("open", "update", "resolve"):
             self.incidents.labels(status)
+        self.threshold_quantile = Gauge(
+            "anomaly_threshold_quantile",
+            "Quantile of the global threshold (threshold.quantile, or a control message's)",
+            registry=registry,
+        )
+        self.control_messages = Counter(
+            "anomaly_control_messages",
+            "Control-topic messages, by action, applied or refused (unknown action: unknown)",
+            ["action", "outcome"],
+            registry=registry,
+        )
+        self.feedback = Counter(
+            "anomaly_feedback",
+            "Feedback-topic messages by type: applied, unmatched (entity unknown) or refused",
+            ["type", "outcome"],
+            registry=registry,
+        )
+        self.control_entities = Gauge(
+            "anomaly_control_entities",
+            "Entities under runtime control: muted, override (fixed threshold), raised (feedback)",
+            ["how"],
+            registry=registry,
+        )
         self.held_back = Counter(
             "anomaly_events_held_back",
             "Valid events not scored because their entity's window was not full yet",
@@ -167,6 +191,12 @@ class Metrics:
                 self.state_evictions.labels(kind, reason).inc(total - seen)
             # A new pipeline (hot reload) restarts its totals from zero.
             self._evictions_seen[(kind, reason)] = total
+
+    def record_control(self, control: ControlState, quantile: float) -> None:
+        self.threshold_quantile.set(quantile)
+        self.control_entities.labels("muted").set(len(control.muted))
+        self.control_entities.labels("override").set(len(control.overrides))
+        self.control_entities.labels("raised").set(len(control.factors))
 
     def record_restore(self, partitions: int, events: int, seconds: float) -> None:
         self.restores.inc(partitions)

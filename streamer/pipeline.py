@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from streamer.control import ControlState
 from streamer.features import FeatureSpec, build_features, event_seconds
 from streamer.records import (
     ALERT_SCHEMA_VERSION,
@@ -64,6 +65,7 @@ class Pipeline:
         max_message_bytes: int = 1_000_000,
         state: EntityState | None = None,
         publish_alerts: bool = True,
+        control: ControlState | None = None,
     ) -> None:
         self.spec = spec
         self.scaler = scaler
@@ -74,6 +76,7 @@ class Pipeline:
         self.max_message_bytes = max_message_bytes
         self.state = state or EntityState()
         self.publish_alerts = publish_alerts
+        self.control = control  # shared with the app, which feeds it between batches
         self._decoder = msgspec.json.Decoder(spec.event_type())
         self._names = spec.feature_names()
         self._unit_names = spec.unit_names()
@@ -86,6 +89,10 @@ class Pipeline:
         events, kept, dead = self._decode(messages)
         t1 = clock()
         raw = build_features(self.spec, events, self.state.aggregates)
+        st = self.state
+        scores_needed = not replay or st.thresholds is not None or st.incidents is not None
+        if not scores_needed and st.windows is None:  # a replay for aggregates: done
+            return BatchResult(len(messages), [], dead, np.empty(0), self.threshold.value)
         t2 = clock()
         x = self.scaler.transform(raw)
         # Checked after scaling: a huge but finite value can still overflow float32.
@@ -101,7 +108,9 @@ class Pipeline:
         rows = np.arange(len(events))
         model_input: np.ndarray = x
         if self.state.windows is not None:
-            model_input, rows = self.state.windows.add(keys, x.astype(np.float32))
+            model_input, rows = self.state.windows.add(keys, np.asarray(x, dtype=np.float32))
+        if not scores_needed:  # a replay for windows (and aggregates): done
+            return BatchResult(len(messages), [], dead, np.empty(0), self.threshold.value)
         t3 = clock()
         recon = self.scorer.reconstruct(model_input)
         errors = reconstruction_errors(model_input, recon)
@@ -123,6 +132,9 @@ class Pipeline:
         if self.state.thresholds is not None:
             # The entity's own threshold replaces the global one once it has enough scores.
             flagged, used = self.state.thresholds.judge(scored_keys, scores, judged_against)
+        if self.control is not None and self.control.active:
+            # Mutes, fixed overrides and feedback-raised thresholds have the last word.
+            flagged, used = self.control.adjust([keys[i] for i in rows], scores, flagged, used)
         t5 = clock()
         if replay and self.state.incidents is None:
             return BatchResult(len(messages), [], dead, scores, judged_against)

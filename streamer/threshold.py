@@ -68,6 +68,24 @@ class RollingQuantileThreshold:
     def count(self) -> int:
         return self._count
 
+    def reconfigure(self, quantile: float | None = None, window_size: int | None = None) -> None:
+        """Change the quantile and/or window at runtime, keeping the most recent scores."""
+        if quantile is not None:
+            if not 0.0 < quantile < 1.0:
+                raise ValueError("quantile must be in (0, 1)")
+            self.quantile = quantile
+        if window_size is not None and window_size != self.window_size:
+            if window_size < 1:
+                raise ValueError("window_size must be >= 1")
+            held = np.roll(
+                self._ring[: self._count], -self._next if self._count == self.window_size else 0
+            )
+            self.window_size = window_size
+            self._ring = np.empty(window_size, dtype=np.float64)
+            self._count = self._next = 0
+            self._push(held[-window_size:])
+        self._refresh()
+
     def judge(self, scores: np.ndarray) -> np.ndarray:
         """Flag scores above the current threshold, then learn from the unflagged ones."""
         flagged = scores > self.value

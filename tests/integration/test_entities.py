@@ -27,6 +27,8 @@ from training.datasets import read_jsonl
 from training.fit import fit_bundle
 from training.simulate import simulate
 
+pytestmark = pytest.mark.integration
+
 WINDOW = 10
 SENSOR_COUNT = 20  # the simulator's fleet
 

@@ -1,0 +1,196 @@
+"""Runtime control and subscriber feedback, applied between batches. Pure: no Kafka here.
+
+Control messages (JSON on `control.topic`, read by every replica from the beginning, so a
+restarted or new replica ends in the same state):
+
+    {"action": "set_threshold", "quantile": 0.995, "window_size": 20000}   either or both
+    {"action": "set_entity_threshold", "entity": "s-03", "value": 1.5}    a fixed threshold
+    {"action": "clear_entity_threshold", "entity": "s-03"}
+    {"action": "mute", "entity": "c-00097"}        scored, never alerted, until unmuted
+    {"action": "unmute", "entity": "c-00097"}
+
+Feedback (JSON on `control.feedback_topic`, keyed by the alert or incident id):
+
+    {"type": "false_positive", "entity": "c-00097", "alert_id": "5d0c..."}
+    {"type": "ack", "incident_id": "9b1f..."}
+
+A false positive raises that entity's threshold: whatever threshold judges the entity
+(global, its own, or a fixed override) is multiplied by `false_positive_factor` per false
+positive, up to `max_factor` in all. Nothing else changes, and an `ack` changes nothing (it
+is counted). Without an `entity`, the id is looked up among this replica's recent alerts
+and incidents; copy the alert's `entity` into the feedback to be sure every replica applies
+it.
+
+>>> from streamer.config import ControlSettings
+>>> c = ControlState(ControlSettings(false_positive_factor=2.0, max_factor=3.0))
+>>> c.apply_feedback(b'{"type": "false_positive", "entity": "e1"}', key=None)
+('false_positive', 'applied')
+>>> c.apply_feedback(b'{"type": "false_positive", "entity": "e1"}', key=None)
+('false_positive', 'applied')
+>>> c.factors["e1"]
+3.0
+>>> flagged, used = c.adjust(["e1", "e2"], np.array([2.5, 2.5]), np.array([True, True]),
+...                          np.array([1.0, 1.0]))
+>>> flagged.tolist(), used.tolist()
+([False, True], [3.0, 1.0])
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from typing import Literal
+
+import msgspec
+import numpy as np
+
+from streamer.config import ControlSettings
+
+RECENT_IDS = 100_000  # alert and incident ids remembered for feedback without an entity
+
+
+class _Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="action"):
+    pass
+
+
+class SetThreshold(_Message, tag="set_threshold", frozen=True):
+    quantile: float | None = None
+    window_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.quantile is None and self.window_size is None:
+            raise ValueError("set_threshold needs quantile and/or window_size")
+        if self.quantile is not None and not 0.0 < self.quantile < 1.0:
+            raise ValueError("quantile must be in (0, 1)")
+        if self.window_size is not None and self.window_size < 1:
+            raise ValueError("window_size must be >= 1")
+
+
+class SetEntityThreshold(_Message, tag="set_entity_threshold", frozen=True):
+    entity: str | int
+    value: float
+
+    def __post_init__(self) -> None:
+        if not self.value > 0:
+            raise ValueError("value must be > 0")
+
+
+class ClearEntityThreshold(_Message, tag="clear_entity_threshold", frozen=True):
+    entity: str | int
+
+
+class Mute(_Message, tag="mute", frozen=True):
+    entity: str | int
+
+
+class Unmute(_Message, tag="unmute", frozen=True):
+    entity: str | int
+
+
+Control = SetThreshold | SetEntityThreshold | ClearEntityThreshold | Mute | Unmute
+
+
+class Feedback(msgspec.Struct, frozen=True):
+    type: Literal["ack", "false_positive"]
+    entity: str | int | None = None
+    alert_id: str | None = None
+    incident_id: str | None = None
+    note: str | None = None
+
+
+class ControlError(ValueError):
+    """A control or feedback message that cannot be applied; the text says why."""
+
+
+class ControlState:
+    def __init__(self, settings: ControlSettings) -> None:
+        self.settings = settings
+        self.overrides: dict[Hashable, float] = {}  # entity -> fixed threshold
+        self.muted: set[Hashable] = set()
+        self.factors: dict[Hashable, float] = {}  # entity -> false-positive multiplier
+        # The threshold settings the control topic asked for (merged), and how many times
+        # they changed: the app re-applies them when the count moves or a pipeline is new.
+        self.threshold: SetThreshold | None = None
+        self.threshold_changes = 0
+        self._recent: OrderedDict[str, Hashable] = OrderedDict()  # alert/incident id -> entity
+        self._control = msgspec.json.Decoder(Control)
+        self._feedback = msgspec.json.Decoder(Feedback)
+
+    @property
+    def active(self) -> bool:
+        """Whether any entity is treated specially (adjust() is a no-op otherwise)."""
+        return bool(self.overrides or self.muted or self.factors)
+
+    def apply_control(self, value: bytes | None) -> str:
+        """Apply one control message; returns its action. Raises ControlError."""
+        try:
+            message = self._control.decode(value or b"")
+        except (msgspec.DecodeError, ValueError) as exc:
+            raise ControlError(f"control message refused: {exc}") from exc
+        if isinstance(message, SetThreshold):
+            old = self.threshold or SetThreshold(quantile=message.quantile)
+            self.threshold = SetThreshold(
+                quantile=message.quantile if message.quantile is not None else old.quantile,
+                window_size=(
+                    message.window_size if message.window_size is not None else old.window_size
+                ),
+            )
+            self.threshold_changes += 1
+        elif isinstance(message, SetEntityThreshold):
+            self.overrides[message.entity] = message.value
+        elif isinstance(message, ClearEntityThreshold):
+            self.overrides.pop(message.entity, None)
+        elif isinstance(message, Mute):
+            self.muted.add(message.entity)
+        else:
+            self.muted.discard(message.entity)
+        return type(message).__struct_config__.tag  # type: ignore[return-value]
+
+    def apply_feedback(self, value: bytes | None, key: bytes | None) -> tuple[str, str]:
+        """Apply one feedback message; returns (type, "applied" | "unmatched")."""
+        try:
+            message = self._feedback.decode(value or b"")
+        except (msgspec.DecodeError, ValueError) as exc:
+            raise ControlError(f"feedback message refused: {exc}") from exc
+        entity: Hashable | None = message.entity
+        if entity is None:
+            ids = [message.alert_id, message.incident_id, key.decode() if key else None]
+            entity = next((self._recent[i] for i in ids if i and i in self._recent), None)
+        if entity is None:
+            return message.type, "unmatched"
+        if message.type == "false_positive":
+            s = self.settings
+            factor = self.factors.get(entity, 1.0) * s.false_positive_factor
+            self.factors[entity] = min(s.max_factor, factor)
+        return message.type, "applied"
+
+    def remember(self, ids: Sequence[str], entities: Sequence[Hashable]) -> None:
+        """Alert and incident ids just published, so feedback without an entity finds it."""
+        for i, entity in zip(ids, entities, strict=True):
+            self._recent[i] = entity
+        while len(self._recent) > RECENT_IDS:
+            self._recent.popitem(last=False)
+
+    def adjust(
+        self,
+        keys: Sequence[Hashable],
+        scores: np.ndarray,
+        flagged: np.ndarray,
+        used: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Re-judge the events of entities with an override, a factor or a mute."""
+        if not self.active:
+            return flagged, used
+        flagged, used = flagged.copy(), used.copy()
+        for i, key in enumerate(keys):
+            if key in self.muted:
+                flagged[i] = False
+                continue
+            base = self.overrides.get(key)
+            factor = self.factors.get(key)
+            if base is None and factor is None:
+                continue
+            value = (used[i] if base is None else base) * (factor or 1.0)
+            used[i] = value
+            flagged[i] = scores[i] > value
+        return flagged, used

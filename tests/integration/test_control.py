@@ -1,0 +1,99 @@
+"""Runtime control and feedback topics on the real broker: decisions change from the next batch."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from itertools import islice
+
+import msgspec
+import pytest
+
+from tests.integration.conftest import Daemon, Topics, end_offsets, produce, read_topic
+from training.simulate import simulate
+
+pytestmark = pytest.mark.integration
+
+MUTED, RAISED, CONTROL = "c-muted", "c-raised", "c-control"
+
+
+def orders_with_spikes(seed: int, count: int) -> tuple[list[bytes], list[bytes | None]]:
+    """Clean orders, and every 100th one copied for each of three customers at 40x the amount."""
+    values: list[bytes] = []
+    keys: list[bytes | None] = []
+    for n, (event, _) in enumerate(islice(simulate("orders", seed, 0.0), count)):
+        batch = [event]
+        if n % 100 == 50:
+            for customer in (MUTED, RAISED, CONTROL):
+                spike = {**event, "customer_id": customer}
+                spike["order_id"] = f"{event['order_id']}-{customer}"
+                spike["amount"] = round(float(event["amount"]) * 40 + 500, 2)
+                batch.append(spike)
+        for e in batch:
+            values.append(msgspec.json.encode(e))
+            keys.append(str(e["customer_id"]).encode())
+    return values, keys
+
+
+def alerted_customers(bootstrap: str, topic: str, since_offset: dict[int, int]) -> dict[str, int]:
+    """Alerts per customer for input offsets at or after `since_offset[partition]`."""
+    counts: dict[str, int] = {}
+    for r in read_topic(bootstrap, topic):
+        a = json.loads(r.value)
+        if a["type"] == "alert" and a["source"]["offset"] >= since_offset[a["source"]["partition"]]:
+            counts[a["entity"]] = counts.get(a["entity"], 0) + 1
+    return counts
+
+
+def wait_for(daemon: Daemon, name: str, labels: dict[str, str], at_least: float) -> None:
+    deadline = time.monotonic() + 60
+    while daemon.metric(name, **labels) < at_least:
+        assert time.monotonic() < deadline, f"{name}{labels} < {at_least}\n{daemon.output()}"
+        time.sleep(0.25)
+
+
+def test_mute_and_false_positive_change_decisions_for_those_entities_only(
+    kafka_bootstrap: str,
+    topics: Topics,
+    unique: Callable[[str], str],
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    control, feedback = unique("control"), unique("feedback")
+    daemon = start_daemon(
+        extra=(
+            f'[control]\ntopic = "{control}"\nfeedback_topic = "{feedback}"\n'
+            "poll_seconds = 0.2\nfalse_positive_factor = 1e6\nmax_factor = 1e6\n"
+        )
+    )
+    daemon.wait_ready()
+    first, first_keys = orders_with_spikes(seed=51, count=5000)
+    produce(kafka_bootstrap, topics.input, first, first_keys)
+    daemon.wait_metric("anomaly_events_consumed_total", len(first))
+    before = alerted_customers(kafka_bootstrap, topics.alerts, {p: 0 for p in range(4)})
+    assert min(before.get(c, 0) for c in (MUTED, RAISED, CONTROL)) >= 40, before
+
+    produce(kafka_bootstrap, control, [b'{"action": "mute", "entity": "c-muted"}'])
+    produce(
+        kafka_bootstrap,
+        control,
+        [b'{"action": "set_threshold", "quantile": 0.9995}', b'{"action": "explode"}'],
+    )
+    fp = json.dumps({"type": "false_positive", "entity": RAISED}).encode()
+    produce(kafka_bootstrap, feedback, [fp], keys=[b"some-alert-id"])
+    control_total = "anomaly_control_messages_total"
+    wait_for(daemon, control_total, {"action": "mute", "outcome": "applied"}, 1)
+    wait_for(daemon, "anomaly_feedback_total", {"type": "false_positive", "outcome": "applied"}, 1)
+    wait_for(daemon, control_total, {"action": "unknown", "outcome": "refused"}, 1)
+    assert daemon.metric("anomaly_threshold_quantile") == 0.9995
+    assert daemon.metric("anomaly_control_entities", how="muted") == 1
+    assert daemon.metric("anomaly_control_entities", how="raised") == 1
+
+    since = end_offsets(kafka_bootstrap, topics.input)
+    second, second_keys = orders_with_spikes(seed=52, count=5000)
+    produce(kafka_bootstrap, topics.input, second, second_keys)
+    daemon.wait_metric("anomaly_events_consumed_total", len(first) + len(second))
+    assert daemon.stop() == 0
+    after = alerted_customers(kafka_bootstrap, topics.alerts, since)
+    assert after.get(MUTED, 0) == 0 and after.get(RAISED, 0) == 0, after
+    assert after.get(CONTROL, 0) >= 40, after  # the same spikes, no feedback: still alerted

@@ -1,0 +1,81 @@
+"""Runtime control and feedback: message decoding, re-judging, bounds, threshold changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamer.config import ControlSettings
+from streamer.control import ControlError, ControlState, SetThreshold
+from streamer.threshold import RollingQuantileThreshold
+
+
+def judge(c: ControlState, keys: list[str], scores: list[float], base: float = 1.0):  # type: ignore[no-untyped-def]
+    s = np.array(scores)
+    return c.adjust(keys, s, s > base, np.full(s.size, base))
+
+
+def test_mute_override_and_unmute() -> None:
+    c = ControlState(ControlSettings())
+    assert c.apply_control(b'{"action": "mute", "entity": "a"}') == "mute"
+    assert c.apply_control(b'{"action": "set_entity_threshold", "entity": "b", "value": 5}')
+    flagged, used = judge(c, ["a", "b", "c"], [9.0, 4.0, 4.0])
+    assert flagged.tolist() == [False, False, True] and used.tolist() == [1.0, 5.0, 1.0]
+    c.apply_control(b'{"action": "unmute", "entity": "a"}')
+    c.apply_control(b'{"action": "clear_entity_threshold", "entity": "b"}')
+    assert not c.active
+    assert judge(c, ["a", "b"], [9.0, 4.0])[0].tolist() == [True, True]
+
+
+def test_false_positives_raise_one_entity_within_the_bound() -> None:
+    c = ControlState(ControlSettings(false_positive_factor=1.5, max_factor=2.0))
+    for _ in range(5):
+        assert c.apply_feedback(b'{"type": "false_positive", "entity": "a"}', None) == (
+            "false_positive",
+            "applied",
+        )
+    assert c.factors == {"a": 2.0}  # 1.5, 2.25 -> capped at 2
+    assert c.apply_feedback(b'{"type": "ack", "entity": "b"}', None) == ("ack", "applied")
+    flagged, used = judge(c, ["a", "b"], [1.9, 1.9])
+    assert flagged.tolist() == [False, True] and used.tolist() == [2.0, 1.0]
+
+
+def test_feedback_without_entity_is_matched_by_id_or_counted_unmatched() -> None:
+    c = ControlState(ControlSettings())
+    c.remember(["alert-1", "incident-9"], ["a", "b"])
+    fp = b'{"type": "false_positive"}'
+    assert c.apply_feedback(fp, key=b"alert-1") == ("false_positive", "applied")
+    assert c.apply_feedback(b'{"type": "false_positive", "incident_id": "incident-9"}', None)[1]
+    assert set(c.factors) == {"a", "b"}
+    assert c.apply_feedback(fp, key=b"unknown") == ("false_positive", "unmatched")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"not json",
+        b'{"action": "explode"}',
+        b'{"action": "set_threshold"}',
+        b'{"action": "set_threshold", "quantile": 1.5}',
+        b'{"action": "set_entity_threshold", "entity": "a", "value": -1}',
+        b'{"action": "mute"}',
+    ],
+)
+def test_bad_control_messages_are_refused_with_a_reason(raw: bytes) -> None:
+    c = ControlState(ControlSettings())
+    with pytest.raises(ControlError, match="control message refused"):
+        c.apply_control(raw)
+    assert not c.active and c.threshold is None
+
+
+def test_set_threshold_reconfigures_the_rolling_threshold() -> None:
+    c = ControlState(ControlSettings())
+    c.apply_control(b'{"action": "set_threshold", "quantile": 0.5, "window_size": 50}')
+    assert c.threshold == SetThreshold(quantile=0.5, window_size=50)
+    t = RollingQuantileThreshold(100, 0.99, 10, np.arange(100.0))
+    t.reconfigure(c.threshold.quantile, c.threshold.window_size)
+    # The 50 most recent scores (50..99) are kept; their median is the new threshold.
+    assert t.window_size == 50 and t.count == 50 and t.value == pytest.approx(74.5)
+    t.reconfigure(window_size=200)  # growing keeps everything held
+    assert t.count == 50 and t.value == pytest.approx(74.5)
