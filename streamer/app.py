@@ -31,6 +31,7 @@ from streamer.delivery import (
     Rebalanced,
     make_outbox,
 )
+from streamer.drift import DriftMonitor
 from streamer.kafka_io import StartupError
 from streamer.metrics import REJECT_REASONS, Heartbeat, Metrics, StatusServer
 from streamer.pipeline import BatchResult, Pipeline
@@ -65,6 +66,7 @@ def build_pipeline(
         state=EntityState.build(settings, bundle.spec, scorer.window_length),
         publish_alerts=settings.incidents.publish_alerts or not settings.incidents.enabled,
         control=control,
+        drift=DriftMonitor(bundle.drift, settings.drift.window_events) if bundle.drift else None,
     )
 
 
@@ -158,6 +160,7 @@ class Detector:
             self._restore = set(self._consumer.assignment())
         self._bundle = bundle
         self.metrics.model_info.labels(*_info_labels(bundle)).set(1)
+        self.metrics.reset_drift(bundle.spec.feature_names() if bundle.drift else [])
         log.info(
             "serving model bundle %s (%s, %d features, %s runtime) from %s",
             bundle.version, bundle.kind, len(bundle.spec.feature_names()),
@@ -493,6 +496,8 @@ class Detector:
                 self._next_metadata = time.monotonic() + METADATA_REFRESH_SECONDS
         except KafkaError:  # position() may need the broker to validate an offset
             in_touch = False
+        if self._pipeline is not None and self._pipeline.drift is not None:
+            self.metrics.record_drift(self._pipeline.drift)
         if in_touch != self._broker_ok:
             log.info("Kafka %s", "reachable" if in_touch else "unreachable: waiting for it")
         self._broker_ok = in_touch

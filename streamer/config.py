@@ -227,6 +227,16 @@ class ControlSettings(_Section, frozen=True):
             raise ValueError("control: 1 <= false_positive_factor <= max_factor")
 
 
+class DriftSettings(_Section, frozen=True):
+    """Live distributions against the bundle's training ones (population stability index)."""
+
+    window_events: int = 10_000  # the live distribution is that of the last N rows / scores
+
+    def __post_init__(self) -> None:
+        if self.window_events < 100:
+            raise ValueError("drift.window_events must be >= 100")
+
+
 class MetricsSettings(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: int = 9108  # 0 picks a free port (tests)
@@ -278,6 +288,7 @@ class Settings(_Section, frozen=True):
     state: StateSettings = msgspec.field(default_factory=StateSettings)
     incidents: IncidentSettings = msgspec.field(default_factory=IncidentSettings)
     control: ControlSettings = msgspec.field(default_factory=ControlSettings)
+    drift: DriftSettings = msgspec.field(default_factory=DriftSettings)
     alerts: AlertSettings = msgspec.field(default_factory=AlertSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     training: TrainingSettings = msgspec.field(default_factory=TrainingSettings)

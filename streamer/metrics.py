@@ -17,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from streamer import delivery, pipeline
 from streamer.control import ControlState
+from streamer.drift import DriftMonitor
 from streamer.pipeline import BatchResult
 from streamer.state import EntityState
 
@@ -135,6 +136,17 @@ class Metrics:
             ["how"],
             registry=registry,
         )
+        self.feature_psi = Gauge(
+            "anomaly_feature_psi",
+            "Population stability index of each scaled feature, live window vs training",
+            ["feature"],
+            registry=registry,
+        )
+        self.score_psi = Gauge(
+            "anomaly_score_psi",
+            "Population stability index of the scores, live window vs held-out training scores",
+            registry=registry,
+        )
         self.held_back = Counter(
             "anomaly_events_held_back",
             "Valid events not scored because their entity's window was not full yet",
@@ -197,6 +209,22 @@ class Metrics:
         self.control_entities.labels("muted").set(len(control.muted))
         self.control_entities.labels("override").set(len(control.overrides))
         self.control_entities.labels("raised").set(len(control.factors))
+
+    def reset_drift(self, features: list[str]) -> None:
+        """NaN (not measured yet) for every feature of a newly served bundle."""
+        self.feature_psi.clear()
+        for feature in features:
+            self.feature_psi.labels(feature).set(float("nan"))
+        self.score_psi.set(float("nan"))
+
+    def record_drift(self, drift: DriftMonitor) -> None:
+        """Once a second, not per batch: PSI over the live window (NaN until it has data)."""
+        for feature, value in drift.psi_by_feature().items():
+            if np.isfinite(value):
+                self.feature_psi.labels(feature).set(value)
+        score = drift.psi_score()
+        if np.isfinite(score):
+            self.score_psi.set(score)
 
     def record_restore(self, partitions: int, events: int, seconds: float) -> None:
         self.restores.inc(partitions)

@@ -17,6 +17,7 @@ import msgspec
 import numpy as np
 
 from streamer.control import ControlState
+from streamer.drift import DriftMonitor
 from streamer.features import FeatureSpec, build_features, event_seconds
 from streamer.records import (
     ALERT_SCHEMA_VERSION,
@@ -66,6 +67,7 @@ class Pipeline:
         state: EntityState | None = None,
         publish_alerts: bool = True,
         control: ControlState | None = None,
+        drift: DriftMonitor | None = None,
     ) -> None:
         self.spec = spec
         self.scaler = scaler
@@ -77,6 +79,7 @@ class Pipeline:
         self.state = state or EntityState()
         self.publish_alerts = publish_alerts
         self.control = control  # shared with the app, which feeds it between batches
+        self.drift = drift  # live feature and score distributions (read by the app)
         self._decoder = msgspec.json.Decoder(spec.event_type())
         self._names = spec.feature_names()
         self._unit_names = spec.unit_names()
@@ -154,6 +157,8 @@ class Pipeline:
             incidents = self.state.incidents.observe(alerts, times, now)
         if replay:  # the tracker now knows the replayed runs; nothing goes out
             return BatchResult(len(messages), [], dead, scores, judged_against)
+        if self.drift is not None:
+            self.drift.observe(x, scores)
         t6 = clock()
         stage = dict(zip(STAGES, np.diff([t0, t1, t2, t3, t4, t5, t6]).tolist(), strict=True))
         return BatchResult(

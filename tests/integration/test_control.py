@@ -97,3 +97,28 @@ def test_mute_and_false_positive_change_decisions_for_those_entities_only(
     after = alerted_customers(kafka_bootstrap, topics.alerts, since)
     assert after.get(MUTED, 0) == 0 and after.get(RAISED, 0) == 0, after
     assert after.get(CONTROL, 0) >= 40, after  # the same spikes, no feedback: still alerted
+
+
+def test_drifted_input_shows_in_the_psi_gauges(
+    kafka_bootstrap: str, topics: Topics, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon(extra="[drift]\nwindow_events = 5000\n")
+    daemon.wait_ready()
+    normal = [msgspec.json.encode(e) for e, _ in islice(simulate("orders", 61, 0.0), 5000)]
+    produce(kafka_bootstrap, topics.input, normal)
+    daemon.wait_metric("anomaly_events_consumed_total", 5000)
+    time.sleep(1.5)  # the gauges are refreshed once a second
+    amount = "log1p(amount)"
+    assert daemon.metric("anomaly_feature_psi", feature=amount) < 0.1
+    assert daemon.metric("anomaly_score_psi") < 0.1
+
+    shifted = []
+    for e, _ in islice(simulate("orders", 62, 0.0), 5000):  # prices tripled overnight
+        shifted.append(msgspec.json.encode({**e, "amount": round(float(e["amount"]) * 3, 2)}))
+    produce(kafka_bootstrap, topics.input, shifted)
+    daemon.wait_metric("anomaly_events_consumed_total", 10_000)
+    time.sleep(1.5)
+    assert daemon.metric("anomaly_feature_psi", feature=amount) > 0.25
+    assert daemon.metric("anomaly_feature_psi", feature="items") < 0.1  # untouched
+    assert daemon.metric("anomaly_score_psi") > 0.25
+    assert daemon.stop() == 0
