@@ -36,6 +36,7 @@ from streamer.kafka_io import StartupError
 from streamer.metrics import REJECT_REASONS, Heartbeat, Metrics, StatusServer
 from streamer.pipeline import BatchResult, Pipeline
 from streamer.records import ModelRef, RawMessage
+from streamer.shadow import Decision, ShadowStats, decide
 from streamer.state import EntityState
 from streamer.threshold import RollingQuantileThreshold
 
@@ -111,6 +112,11 @@ class Detector:
         self._control = ControlState(c) if self._side_topics else None
         self._follower: kafka_io.TopicFollower | None = None
         self._threshold_changes_applied = 0
+        # Shadow scoring of the registry's candidate (streamer/shadow.py).
+        self._shadow: Pipeline | None = None
+        self._shadow_bundle: bundles.Bundle | None = None
+        self._shadow_stats = ShadowStats()
+        self._shadow_done: set[str] = set()  # versions decided or refused: not shadowed again
         self._backoff = Backoff(settings.kafka.retry_backoff_max_seconds)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -188,6 +194,87 @@ class Detector:
         self.metrics.model_reloads.labels("loaded").inc()
         log.info("model reload: %s -> %s", served, bundle.version)
         self._serve(bundle, scorer)
+
+    def _maybe_shadow(self) -> None:
+        """Start shadow-scoring the registry's `candidate`, or stop when it is withdrawn."""
+        registry = Path(self.settings.model.bundle)
+        version = bundles.candidate_version(registry)
+        shadowed = self._shadow_bundle.version if self._shadow_bundle else None
+        if version == shadowed:
+            return
+        if shadowed is not None:
+            log.info("candidate %s withdrawn from the registry: shadowing stops", shadowed)
+            self._stop_shadow()
+        served = self._bundle.version if self._bundle else None
+        if version is None or version == served or version in self._shadow_done:
+            return
+        try:
+            bundle, scorer = self._load_bundle(registry / version)
+        except (bundles.BundleError, OSError) as exc:
+            self._shadow_done.add(version)
+            self.metrics.shadow_decisions.labels("rejected").inc()
+            log.error("candidate %s refused, not shadowed: %s", version, exc)
+            return
+        self._shadow = build_pipeline(self.settings, bundle, scorer)
+        self._shadow_bundle = bundle
+        self._shadow_stats = ShadowStats()
+        self.metrics.shadow_info.labels(bundle.version, bundle.kind).set(1)
+        log.info(
+            "shadow-scoring candidate %s (%s) beside %s until %d events",
+            bundle.version, bundle.kind, served, self.settings.shadow.min_events,
+        )  # fmt: skip
+
+    def _shadow_batch(self, messages: list[RawMessage], result: BatchResult) -> None:
+        """Score the batch with the candidate too (nothing published); apply the rule."""
+        assert self._shadow is not None and self._shadow_bundle is not None
+        version = self._shadow_bundle.version
+        try:
+            shadow = self._shadow.process(messages)
+        except Exception as exc:  # a candidate that fails on live data must not stop scoring
+            log.error("candidate %s failed on a batch: %s", version, exc)
+            self._decide_shadow("roll_back")
+            return
+        self.metrics.record_shadow(result, shadow)
+        events = min(result.scores.size, shadow.scores.size)
+        self._shadow_stats.add(len(result.alerts), len(shadow.alerts), events)
+        s = self.settings.shadow
+        decision = decide(self._shadow_stats, s.min_events, s.max_rate_ratio)
+        if decision != "wait":
+            self._decide_shadow(decision)
+
+    def _decide_shadow(self, decision: Decision) -> None:
+        assert self._shadow_bundle is not None
+        version = self._shadow_bundle.version
+        current, candidate = self._shadow_stats.rates()
+        why = (
+            f"alert rate {candidate:.3%} vs {current:.3%} over {self._shadow_stats.events} "
+            f"events (max ratio {self.settings.shadow.max_rate_ratio})"
+        )
+        if not self.settings.shadow.auto_promote:
+            log.info(
+                "shadow rule says %s for candidate %s: %s (auto_promote off)",
+                decision, version, why,
+            )  # fmt: skip
+            self._shadow_stats = ShadowStats()  # report again after the next min_events
+            return
+        registry = Path(self.settings.model.bundle)
+        if decision == "promote":
+            bundles.set_current(registry, version)  # the hot reload swaps it in
+            self.metrics.shadow_decisions.labels("promoted").inc()
+            log.info("candidate %s promoted: %s", version, why)
+        else:
+            self.metrics.shadow_decisions.labels("rolled_back").inc()
+            log.warning("candidate %s rolled back: %s", version, why)
+        if bundles.candidate_version(registry) == version:
+            bundles.set_candidate(registry, None)
+        self._shadow_done.add(version)
+        self._stop_shadow()
+
+    def _stop_shadow(self) -> None:
+        if self._shadow_bundle is not None:
+            self.metrics.shadow_info.remove(self._shadow_bundle.version, self._shadow_bundle.kind)
+        self._shadow = None
+        self._shadow_bundle = None
 
     def _connect(self) -> None:
         k = self.settings.kafka
@@ -278,6 +365,7 @@ class Detector:
                     next_check = now + CHECK_SECONDS
                 if reload_every and now >= next_reload:
                     self._maybe_reload()
+                    self._maybe_shadow()
                     next_reload = now + reload_every
                 if self._follower is not None and now >= next_control:
                     try:
@@ -374,6 +462,8 @@ class Detector:
         state = self._pipeline.state
         if self._clear_state:
             state.clear()
+            if self._shadow is not None:  # a candidate starts over where state moved
+                self._shadow.state.clear()
             self._clear_state = False
         pending = self._restore & consumer.assignment()
         if not pending or not state.needs_history or not self.settings.state.restore_events:
@@ -423,6 +513,8 @@ class Detector:
             messages, self._buffer = self._buffer, []
             result = self._pipeline.process(messages)
             self.metrics.record_batch(result)
+            if self._shadow is not None:
+                self._shadow_batch(messages, result)
             if self._control is not None and self.settings.control.feedback_topic:
                 self._control.remember(
                     [a.alert_id for a in result.alerts] + [i.incident_id for i in result.incidents],

@@ -57,6 +57,7 @@ OPTIONAL_FILES = (DENSE_WEIGHTS_FILE, LSTM_WEIGHTS_FILE, PARITY_FILE, DRIFT_FILE
 NUMPY_WEIGHTS = {"dense": DENSE_WEIGHTS_FILE, "lstm": LSTM_WEIGHTS_FILE}
 PARITY_TOLERANCE = 1e-4
 CURRENT_FILE = "current"
+CANDIDATE_FILE = "candidate"  # a version shadow-scored beside `current` (streamer/shadow.py)
 
 
 class BundleError(Exception):
@@ -180,8 +181,17 @@ def content_version(files: dict[str, str]) -> str:
 
 def current_version(registry: Path) -> str | None:
     """The version a registry's `current` file names; None for a plain bundle directory."""
+    return _pointer(registry, CURRENT_FILE)
+
+
+def candidate_version(registry: Path) -> str | None:
+    """The version a registry's `candidate` file names (shadow scoring); None without one."""
+    return _pointer(registry, CANDIDATE_FILE)
+
+
+def _pointer(registry: Path, name: str) -> str | None:
     try:
-        return (registry / CURRENT_FILE).read_text().strip() or None
+        return (registry / name).read_text().strip() or None
     except (FileNotFoundError, NotADirectoryError):
         return None
 
@@ -194,9 +204,21 @@ def resolve(path: Path) -> Path:
 
 def set_current(registry: Path, version: str) -> None:
     """Point the registry at a version atomically (a reader never sees a half-written file)."""
-    tmp = registry / f".{CURRENT_FILE}.tmp"
+    _set_pointer(registry, CURRENT_FILE, version)
+
+
+def set_candidate(registry: Path, version: str | None) -> None:
+    """Name the version to shadow-score beside `current`; None removes the candidate."""
+    if version is None:
+        (registry / CANDIDATE_FILE).unlink(missing_ok=True)
+    else:
+        _set_pointer(registry, CANDIDATE_FILE, version)
+
+
+def _set_pointer(registry: Path, name: str, version: str) -> None:
+    tmp = registry / f".{name}.tmp"
     tmp.write_text(version + "\n")
-    os.replace(tmp, registry / CURRENT_FILE)
+    os.replace(tmp, registry / name)
 
 
 def load(path: Path, expected_spec: FeatureSpec | None = None) -> Bundle:

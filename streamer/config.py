@@ -227,6 +227,20 @@ class ControlSettings(_Section, frozen=True):
             raise ValueError("control: 1 <= false_positive_factor <= max_factor")
 
 
+class ShadowSettings(_Section, frozen=True):
+    """Shadow scoring of the registry's `candidate` (the rule: streamer/shadow.py)."""
+
+    min_events: int = 50_000  # events both models score before the rule decides
+    max_rate_ratio: float = 2.0  # promote when the alert rates are within this factor
+    auto_promote: bool = True  # false: report what the rule says, change nothing
+
+    def __post_init__(self) -> None:
+        if self.min_events < 1:
+            raise ValueError("shadow.min_events must be >= 1")
+        if self.max_rate_ratio < 1.0:
+            raise ValueError("shadow.max_rate_ratio must be >= 1")
+
+
 class DriftSettings(_Section, frozen=True):
     """Live distributions against the bundle's training ones (population stability index)."""
 
@@ -289,6 +303,7 @@ class Settings(_Section, frozen=True):
     incidents: IncidentSettings = msgspec.field(default_factory=IncidentSettings)
     control: ControlSettings = msgspec.field(default_factory=ControlSettings)
     drift: DriftSettings = msgspec.field(default_factory=DriftSettings)
+    shadow: ShadowSettings = msgspec.field(default_factory=ShadowSettings)
     alerts: AlertSettings = msgspec.field(default_factory=AlertSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     training: TrainingSettings = msgspec.field(default_factory=TrainingSettings)

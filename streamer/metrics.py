@@ -147,6 +147,38 @@ class Metrics:
             "Population stability index of the scores, live window vs held-out training scores",
             registry=registry,
         )
+        self.shadow_info = Gauge(
+            "anomaly_shadow_info",
+            "The candidate bundle being shadow-scored (value 1), if any",
+            ["version", "kind"],
+            registry=registry,
+        )
+        self.shadow_scored = Counter(
+            "anomaly_shadow_scored",
+            "Events scored while a candidate is shadowed, by role (current, candidate)",
+            ["role"],
+            registry=registry,
+        )
+        self.shadow_alerts = Counter(
+            "anomaly_shadow_alerts",
+            "Alerts while a candidate is shadowed, by role (the candidate's are not published)",
+            ["role"],
+            registry=registry,
+        )
+        self.shadow_score_quantile = Gauge(
+            "anomaly_shadow_score_quantile",
+            "Score quantiles of the latest shadowed batch, by role",
+            ["role", "q"],
+            registry=registry,
+        )
+        self.shadow_decisions = Counter(
+            "anomaly_shadow_decisions",
+            "Candidates promoted, rolled back, or rejected at load",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("promoted", "rolled_back", "rejected"):
+            self.shadow_decisions.labels(outcome)
         self.held_back = Counter(
             "anomaly_events_held_back",
             "Valid events not scored because their entity's window was not full yet",
@@ -225,6 +257,15 @@ class Metrics:
         score = drift.psi_score()
         if np.isfinite(score):
             self.score_psi.set(score)
+
+    def record_shadow(self, current: BatchResult, candidate: BatchResult) -> None:
+        for role, result in (("current", current), ("candidate", candidate)):
+            self.shadow_scored.labels(role).inc(result.scores.size)
+            self.shadow_alerts.labels(role).inc(len(result.alerts))
+            if result.scores.size:
+                values = np.quantile(result.scores, SCORE_QUANTILES)
+                for q, v in zip(SCORE_QUANTILES, values, strict=True):
+                    self.shadow_score_quantile.labels(role, str(q)).set(float(v))
 
     def record_restore(self, partitions: int, events: int, seconds: float) -> None:
         self.restores.inc(partitions)

@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     fit.add_argument("--out", type=Path, help="registry dir (default: the config's model.bundle)")
     fit.add_argument("--verbose", action="store_true", help="also print Keras's own progress")
+    fit.add_argument(
+        "--candidate",
+        action="store_true",
+        help="point the registry's `candidate` (shadow-scored first) instead of `current`",
+    )
 
     sub.add_parser(
         "evaluate",
@@ -191,7 +196,7 @@ def _fit(args: argparse.Namespace) -> int:
     try:
         b = fit_bundle(
             settings.spec, history, settings.training, registry, source=source,
-            verbose=2 if args.verbose else 0, report=True,
+            verbose=2 if args.verbose else 0, report=True, candidate=args.candidate,
         )  # fmt: skip
     except (ValueError, BundleError) as exc:
         print(f"training: {exc}", file=sys.stderr)

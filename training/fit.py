@@ -48,8 +48,10 @@ def fit_bundle(
     source: str,
     verbose: int = 0,
     report: bool = False,
+    candidate: bool = False,
 ) -> bundles.Bundle:
-    """Train on `history`, write `<registry>/<version>/`, point `<registry>/current` at it.
+    """Train on `history`, write `<registry>/<version>/`, point `<registry>/current` at it
+    (or, with `candidate`, `<registry>/candidate`: the daemon shadow-scores it first).
 
     `training.model` picks the model: "dense" scores one event's row, "lstm" the window of
     its entity's last `training.window_length` rows (needs `history.keys`). Each epoch is
@@ -164,7 +166,10 @@ def fit_bundle(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    bundles.set_current(registry, manifest.version)
+    if candidate:
+        bundles.set_candidate(registry, manifest.version)
+    else:
+        bundles.set_current(registry, manifest.version)
     log.info(
         "bundle %s (%s): %d events, %d epochs, val loss %.4g, p99.9 held-out error %.4g",
         manifest.version, training.model, n, len(history_dict["loss"]),
