@@ -83,6 +83,8 @@ class Pipeline:
         self._decoder = msgspec.json.Decoder(spec.event_type())
         self._names = spec.feature_names()
         self._unit_names = spec.unit_names()
+        width = len(self._names)
+        self._expm1 = np.array([spec.to_original_units(j, 1.0) != 1.0 for j in range(width)])
 
     def process(self, messages: Sequence[RawMessage], replay: bool = False) -> BatchResult:
         """Score a batch. `replay`: only rebuild per-entity state (no alerts, global
@@ -141,13 +143,9 @@ class Pipeline:
         t5 = clock()
         if replay and self.state.incidents is None:
             return BatchResult(len(messages), [], dead, scores, judged_against)
-        alerts, times = [], []
-        for i in np.flatnonzero(flagged):
-            j = rows[i]
-            alerts.append(
-                self._alert(kept[j], events[j], raw[j], recon[i], errors[i], scores[i], used[i])
-            )
-            times.append(event_seconds(self.spec, getattr(events[j], self.spec.time_field)))
+        alerts, times = self._alerts(
+            np.flatnonzero(flagged), rows, kept, events, raw, recon, errors, scores, used
+        )
         incidents: list[Incident] = []
         if self.state.incidents is not None:
             now = max(
@@ -197,46 +195,70 @@ class Pipeline:
             kept.append(m)
         return events, kept, dead
 
-    def _alert(
+    def _alerts(
         self,
-        message: RawMessage,
-        event: Any,
+        hits: np.ndarray,  # indices into the scored rows
+        rows: np.ndarray,  # scored row -> index into events / kept / raw
+        kept: list[RawMessage],
+        events: list[Any],
         raw: np.ndarray,
-        recon_scaled: np.ndarray,
+        recon: np.ndarray,
         errors: np.ndarray,
-        score: float,
-        threshold: float | np.floating[Any],
-    ) -> Alert:
+        scores: np.ndarray,
+        used: np.ndarray,
+    ) -> tuple[list[Alert], list[float]]:
+        """The alerts of a batch, explained in one pass of array operations (a quarter of
+        a sensor stream can alert: per-alert numpy calls were a tenth of the daemon's time)."""
+        if hits.size == 0:
+            return [], []
         spec = self.spec
-        recon = self.scaler.inverse_transform(recon_scaled)
-        total = float(errors.sum()) or 1.0
-        top = np.argsort(errors)[::-1][: self.top_features]
-        explained = [
-            FeatureContribution(
-                feature=self._unit_names[j],
-                actual=spec.to_original_units(j, float(raw[j])),
-                reconstructed=spec.to_original_units(j, float(recon[j])),
-                contribution=float(errors[j]) / total,
+        idx = rows[hits]
+        err = errors[hits]
+        k = min(self.top_features, err.shape[1])
+        top = np.argsort(-err, axis=1, kind="stable")[:, :k]
+        totals = err.sum(axis=1)
+        totals[totals == 0.0] = 1.0
+        pick = np.take_along_axis
+        actual = pick(self._to_units(raw[idx]), top, 1).tolist()
+        rebuilt = pick(self._to_units(self.scaler.inverse_transform(recon[hits])), top, 1)
+        shares = (pick(err, top, 1) / totals[:, None]).tolist()
+        names = self._unit_names
+        detected = _iso(time.time())
+        alerts, times = [], []
+        for n, (j, features) in enumerate(zip(idx.tolist(), top.tolist(), strict=True)):
+            message, event = kept[j], events[j]
+            seconds = event_seconds(spec, getattr(event, spec.time_field))
+            times.append(seconds)
+            alerts.append(
+                Alert(
+                    alert_id=alert_id(message.topic, message.partition, message.offset),
+                    schema_version=ALERT_SCHEMA_VERSION,
+                    profile=spec.profile,
+                    entity_field=spec.entity_field,
+                    entity=getattr(event, spec.entity_field),
+                    event_id=getattr(event, spec.id_field) if spec.id_field else None,
+                    event_time=_iso(seconds),
+                    detected_at=detected,
+                    score=float(scores[hits[n]]),
+                    threshold=float(used[hits[n]]),
+                    quantile=self.threshold.quantile,
+                    model=self.model,
+                    top_features=[
+                        FeatureContribution(names[f], actual[n][c], rebuilt[n][c], shares[n][c])
+                        for c, f in enumerate(features)
+                    ],
+                    source=SourcePosition(message.topic, message.partition, message.offset),
+                )
             )
-            for j in top
-        ]
-        seconds = event_seconds(spec, getattr(event, spec.time_field))
-        return Alert(
-            alert_id=alert_id(message.topic, message.partition, message.offset),
-            schema_version=ALERT_SCHEMA_VERSION,
-            profile=spec.profile,
-            entity_field=spec.entity_field,
-            entity=getattr(event, spec.entity_field),
-            event_id=getattr(event, spec.id_field) if spec.id_field else None,
-            event_time=_iso(seconds),
-            detected_at=_iso(time.time()),
-            score=float(score),
-            threshold=float(threshold),
-            quantile=self.threshold.quantile,
-            model=self.model,
-            top_features=explained,
-            source=SourcePosition(message.topic, message.partition, message.offset),
-        )
+        return alerts, times
+
+    def _to_units(self, x: np.ndarray) -> np.ndarray:
+        """Feature values back in their fields' units (log1p and since_previous: expm1)."""
+        out = np.array(x, dtype=np.float64)
+        if self._expm1.any():
+            with np.errstate(over="ignore"):
+                out[:, self._expm1] = np.expm1(out[:, self._expm1])
+        return out
 
 
 def _undecodable_reason(value: bytes) -> str:
