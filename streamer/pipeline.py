@@ -220,7 +220,7 @@ class Pipeline:
         totals[totals == 0.0] = 1.0
         pick = np.take_along_axis
         actual = pick(self._to_units(raw[idx]), top, 1).tolist()
-        rebuilt = pick(self._to_units(self.scaler.inverse_transform(recon[hits])), top, 1)
+        rebuilt = pick(self._to_units(self.scaler.inverse_transform(recon[hits])), top, 1).tolist()
         shares = (pick(err, top, 1) / totals[:, None]).tolist()
         names = self._unit_names
         detected = _iso(time.time())

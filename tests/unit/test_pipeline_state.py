@@ -102,6 +102,8 @@ def test_an_anomaly_alerts_with_its_window_and_model_version(
     a = alerts[0]
     assert a.model.kind == "lstm" and a.model.version == sensors_lstm_bundle.version
     assert a.entity.startswith("s-") and a.top_features
+    doc = msgspec.json.decode(msgspec.json.encode(a))  # plain JSON types all through
+    assert all(isinstance(f["actual"], float) for f in doc["top_features"])
 
 
 def test_per_entity_thresholds_judge_each_entity_by_its_own_history(
