@@ -96,17 +96,21 @@ class Daemon:
     def metric(self, name: str, **labels: str) -> float:
         return self.samples().get((name, tuple(sorted(labels.items()))), 0.0)
 
-    def wait_metric(self, name: str, at_least: float, timeout: float = 120.0) -> float:
+    def wait_metric(
+        self, name: str, at_least: float, timeout: float = 120.0, **labels: str
+    ) -> float:
         deadline = time.monotonic() + timeout
         value = 0.0
         while time.monotonic() < deadline:
-            value = self.metric(name)
+            value = self.metric(name, **labels)
             if value >= at_least:
                 return value
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.output()}")
             time.sleep(0.25)
-        raise AssertionError(f"{name} = {value} < {at_least} after {timeout}s:\n{self.output()}")
+        raise AssertionError(
+            f"{name}{labels or ''} = {value} < {at_least} after {timeout}s:\n{self.output()}"
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:

@@ -46,13 +46,6 @@ def alerted_customers(bootstrap: str, topic: str, since_offset: dict[int, int]) 
     return counts
 
 
-def wait_for(daemon: Daemon, name: str, labels: dict[str, str], at_least: float) -> None:
-    deadline = time.monotonic() + 60
-    while daemon.metric(name, **labels) < at_least:
-        assert time.monotonic() < deadline, f"{name}{labels} < {at_least}\n{daemon.output()}"
-        time.sleep(0.25)
-
-
 def test_mute_and_false_positive_change_decisions_for_those_entities_only(
     kafka_bootstrap: str,
     topics: Topics,
@@ -82,9 +75,11 @@ def test_mute_and_false_positive_change_decisions_for_those_entities_only(
     fp = json.dumps({"type": "false_positive", "entity": RAISED}).encode()
     produce(kafka_bootstrap, feedback, [fp], keys=[b"some-alert-id"])
     control_total = "anomaly_control_messages_total"
-    wait_for(daemon, control_total, {"action": "mute", "outcome": "applied"}, 1)
-    wait_for(daemon, "anomaly_feedback_total", {"type": "false_positive", "outcome": "applied"}, 1)
-    wait_for(daemon, control_total, {"action": "unknown", "outcome": "refused"}, 1)
+    daemon.wait_metric(control_total, 1, timeout=60, action="mute", outcome="applied")
+    daemon.wait_metric(
+        "anomaly_feedback_total", 1, timeout=60, type="false_positive", outcome="applied"
+    )
+    daemon.wait_metric(control_total, 1, timeout=60, action="unknown", outcome="refused")
     assert daemon.metric("anomaly_threshold_quantile") == 0.9995
     assert daemon.metric("anomaly_control_entities", how="muted") == 1
     assert daemon.metric("anomaly_control_entities", how="raised") == 1

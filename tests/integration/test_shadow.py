@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
@@ -45,13 +44,6 @@ def stream(bootstrap: str, topic: str, seed: int, count: int) -> None:
     produce(bootstrap, topic, [v for v, _ in pairs], [k for _, k in pairs])
 
 
-def wait_decided(daemon: Daemon, outcome: str) -> None:
-    deadline = time.monotonic() + 120
-    while daemon.metric("anomaly_shadow_decisions_total", outcome=outcome) < 1:
-        assert time.monotonic() < deadline, daemon.output()
-        time.sleep(0.25)
-
-
 def test_shadow_promotes_a_sound_candidate_and_rolls_back_a_skewed_one(
     kafka_bootstrap: str,
     topics: Topics,
@@ -71,12 +63,9 @@ def test_shadow_promotes_a_sound_candidate_and_rolls_back_a_skewed_one(
         extra="[shadow]\nmin_events = 8000\nmax_rate_ratio = 3.0\n",
     )
     daemon.wait_ready()
-    deadline = time.monotonic() + 30
-    while daemon.metric("anomaly_shadow_info", version=skewed, kind="dense") != 1:
-        assert time.monotonic() < deadline, daemon.output()
-        time.sleep(0.2)
+    daemon.wait_metric("anomaly_shadow_info", 1, timeout=30, version=skewed, kind="dense")
     stream(kafka_bootstrap, topics.input, 72, 10_000)
-    wait_decided(daemon, "rolled_back")
+    daemon.wait_metric("anomaly_shadow_decisions_total", 1, outcome="rolled_back")
     assert bundles.current_version(registry) == first
     assert bundles.candidate_version(registry) is None
     candidate_alerts = daemon.metric("anomaly_shadow_alerts_total", role="candidate")
@@ -84,17 +73,11 @@ def test_shadow_promotes_a_sound_candidate_and_rolls_back_a_skewed_one(
     assert candidate_alerts > 3 * current_alerts
 
     sound = train_candidate(registry, 73, lambda e: True, 12_000)
-    deadline = time.monotonic() + 30
-    while daemon.metric("anomaly_shadow_info", version=sound, kind="dense") != 1:
-        assert time.monotonic() < deadline, daemon.output()
-        time.sleep(0.2)
+    daemon.wait_metric("anomaly_shadow_info", 1, timeout=30, version=sound, kind="dense")
     stream(kafka_bootstrap, topics.input, 74, 10_000)
-    wait_decided(daemon, "promoted")
+    daemon.wait_metric("anomaly_shadow_decisions_total", 1, outcome="promoted")
     assert bundles.current_version(registry) == sound
-    deadline = time.monotonic() + 30
-    while daemon.metric("anomaly_model_reloads_total", outcome="loaded") < 1:
-        assert time.monotonic() < deadline, daemon.output()
-        time.sleep(0.2)
+    daemon.wait_metric("anomaly_model_reloads_total", 1, timeout=30, outcome="loaded")
     stream(kafka_bootstrap, topics.input, 75, 5_000)
     daemon.wait_metric("anomaly_events_consumed_total", 25_000)
     assert daemon.stop() == 0
