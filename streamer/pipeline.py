@@ -148,10 +148,11 @@ class Pipeline:
         )
         incidents: list[Incident] = []
         if self.state.incidents is not None:
-            now = max(
-                (event_seconds(self.spec, getattr(e, self.spec.time_field)) for e in events),
-                default=float("-inf"),
-            )
+            now: dict[int, float] = {}
+            for m, e in zip(kept, events, strict=True):
+                t = event_seconds(self.spec, getattr(e, self.spec.time_field))
+                if t > now.get(m.partition, float("-inf")):
+                    now[m.partition] = t
             incidents = self.state.incidents.observe(alerts, times, now)
         if replay:  # the tracker now knows the replayed runs; nothing goes out
             return BatchResult(len(messages), [], dead, scores, judged_against)
