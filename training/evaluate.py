@@ -288,6 +288,7 @@ def evaluate(config: EvalConfig, out_dir: Path) -> tuple[dict[str, Any], dict[st
             np.concatenate([feats[i].features[: series_list[i].n_train] for i in members]),
             np.concatenate([feats[i].event_seconds[: series_list[i].n_train] for i in members]),
             0,
+            [k for i in members for k in feats[i].keys[: series_list[i].n_train]],
         )
         registry = out_dir / "bundles" / _safe(key)
         fitted = fit_bundle(spec, hist, config.training, registry, source=f"{config.name}:{key}")
