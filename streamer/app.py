@@ -347,7 +347,11 @@ class Detector:
                     try:
                         self._rebuild_state(consumer, polled)
                     except KafkaError as exc:
-                        self._buffer = []  # replayed from the committed offsets instead
+                        # Nothing unscored may be skipped: rewind to the first record not yet
+                        # scored, and restore again before scoring it.
+                        for tp, offset in _first_offsets(self._buffer, polled).items():
+                            consumer.seek(tp, offset)
+                        self._buffer = []
                         self._wait_after_failure(f"state restore: {exc}")
                         continue
                 if polled:
@@ -470,13 +474,7 @@ class Detector:
             self._restore = set()
             return
         started = time.monotonic()
-        first: dict[TopicPartition, int] = {}
-        for m in self._buffer:
-            tp = TopicPartition(m.topic, m.partition)
-            first[tp] = min(first.get(tp, m.offset), m.offset)
-        for tp, records in polled.items():
-            if records:
-                first[tp] = min(first.get(tp, records[0].offset), records[0].offset)
+        first = _first_offsets(self._buffer, polled)
         ends = {tp: first[tp] if tp in first else consumer.position(tp) for tp in pending}
         s = self.settings
         tails = kafka_io.read_tails(
@@ -614,6 +612,20 @@ class Detector:
             total("anomaly_events_consumed_total"), total("anomaly_events_scored_total"),
             total("anomaly_alerts_published_total"), rejected, self._pipeline.threshold.value,
         )  # fmt: skip
+
+
+def _first_offsets(
+    buffer: list[RawMessage], polled: dict[Any, list[Any]]
+) -> dict[TopicPartition, int]:
+    """Per partition, the first offset held but not yet scored (buffered or just polled)."""
+    first: dict[TopicPartition, int] = {}
+    for m in buffer:
+        tp = TopicPartition(m.topic, m.partition)
+        first[tp] = min(first.get(tp, m.offset), m.offset)
+    for tp, records in polled.items():
+        if records:
+            first[tp] = min(first.get(tp, records[0].offset), records[0].offset)
+    return first
 
 
 def _action_of(value: bytes | None) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
 from kafka.structs import OffsetAndMetadata
 
 from streamer.config import KafkaSettings
@@ -230,9 +230,9 @@ class TopicFollower:
         partitions: list[TopicPartition] = []
         for topic in topics:
             ids = self._consumer.partitions_for_topic(topic)
-            if not ids:
+            if not ids:  # prepare_topics checked it exists: metadata not there yet, retry
                 self._consumer.close()
-                raise StartupError(f"control: topic {topic!r} has no partitions (does it exist?)")
+                raise UnknownTopicOrPartitionError(f"control: no partitions known for {topic!r}")
             partitions += [TopicPartition(topic, p) for p in sorted(ids)]
         self._consumer.assign(partitions)
         self._consumer.seek_to_beginning(*partitions)
