@@ -33,7 +33,7 @@ from streamer.delivery import (
 )
 from streamer.drift import DriftMonitor
 from streamer.kafka_io import StartupError
-from streamer.metrics import REJECT_REASONS, Heartbeat, Metrics, StatusServer
+from streamer.metrics import CONTROL_ACTIONS, REJECT_REASONS, Heartbeat, Metrics, StatusServer
 from streamer.pipeline import BatchResult, Pipeline
 from streamer.records import ModelRef, RawMessage
 from streamer.shadow import Decision, ShadowStats, decide
@@ -636,8 +636,7 @@ def _action_of(value: bytes | None) -> str:
         action = json.loads(value or b"").get("action")
     except (ValueError, AttributeError):
         return "unknown"
-    known = {"set_threshold", "set_entity_threshold", "clear_entity_threshold", "mute", "unmute"}
-    return action if action in known else "unknown"
+    return action if action in CONTROL_ACTIONS else "unknown"
 
 
 def _info_labels(bundle: bundles.Bundle) -> tuple[str, str, str, str]:

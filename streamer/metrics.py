@@ -23,6 +23,9 @@ from streamer.state import EntityState
 
 SCORE_QUANTILES = (0.5, 0.9, 0.99, 0.999)
 STAGE_NAMES = (*pipeline.STAGES, *delivery.STAGES)
+CONTROL_ACTIONS = (
+    "set_threshold", "set_entity_threshold", "clear_entity_threshold", "mute", "unmute",
+)  # fmt: skip
 EVICTIONS = (
     ("windows", "capacity"), ("aggregates", "capacity"), ("aggregates", "idle"),
     ("thresholds", "capacity"), ("incidents", "capacity"),
@@ -136,6 +139,17 @@ class Metrics:
             ["how"],
             registry=registry,
         )
+        # Zeros from the start, so dashboards and rate() see the series before any message.
+        for action in (*CONTROL_ACTIONS, "unknown"):
+            for outcome in ("applied", "refused"):
+                if action != "unknown" or outcome == "refused":
+                    self.control_messages.labels(action, outcome)
+        for kind in ("ack", "false_positive"):
+            for outcome in ("applied", "unmatched", "refused"):
+                self.feedback.labels(kind, outcome)
+        self.feedback.labels("unknown", "refused")
+        for how in ("muted", "override", "raised"):
+            self.control_entities.labels(how)
         self.feature_psi = Gauge(
             "anomaly_feature_psi",
             "Population stability index of each scaled feature, live window vs training",
@@ -171,6 +185,9 @@ class Metrics:
             ["role", "q"],
             registry=registry,
         )
+        for role in ("current", "candidate"):
+            self.shadow_scored.labels(role)
+            self.shadow_alerts.labels(role)
         self.shadow_decisions = Counter(
             "anomaly_shadow_decisions",
             "Candidates promoted, rolled back, or rejected at load",
@@ -186,10 +203,12 @@ class Metrics:
         )
         self.state_entities = Gauge(
             "anomaly_state_entities",
-            "Entities held in keyed state, by kind (aggregates, windows, thresholds)",
+            "Entities held in keyed state, by kind (aggregates, windows, thresholds, incidents)",
             ["kind"],
             registry=registry,
         )
+        for kind in ("aggregates", "windows", "thresholds", "incidents"):
+            self.state_entities.labels(kind)
         self.state_evictions = Counter(
             "anomaly_state_evictions",
             "Entities evicted from keyed state: idle (no effect on scores) or capacity",

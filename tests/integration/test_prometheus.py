@@ -29,6 +29,9 @@ from tests.integration.conftest import Daemon, Topics, produce
 from tests.integration.test_daemon import orders
 
 pytestmark = pytest.mark.integration
+# Series that exist only while a candidate is shadow-scored: a version label to show, and
+# score quantiles of batches the candidate scored. test_shadow.py asserts them then.
+ONLY_WHILE_SHADOWING = {"anomaly_shadow_info", "anomaly_shadow_score_quantile"}
 
 JOB = "anomaly-detector"
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
@@ -200,7 +203,7 @@ def test_prometheus_scrapes_the_daemon_and_loads_the_rules(
 
     # Every metric name the rules and the dashboards query is one Prometheus has ingested
     # (`up` included: Prometheus makes that one itself).
-    ingested = set(prometheus.api("label/__name__/values"))
+    ingested = set(prometheus.api("label/__name__/values")) | ONLY_WHILE_SHADOWING
     missing = {w: sorted(n - ingested) for w, n in _used_metric_names().items() if n - ingested}
     assert not missing, f"queried but never ingested: {missing}"
 
@@ -225,6 +228,7 @@ def test_every_queried_metric_is_in_a_real_scrape_of_the_daemon(
     assert status == 200
     scraped = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     scraped.add("up")  # made by Prometheus per target, never exported (the test above sees it)
+    scraped |= ONLY_WHILE_SHADOWING  # tests/integration/test_shadow.py checks those
     missing = {w: sorted(n - scraped) for w, n in _used_metric_names().items() if n - scraped}
     assert not missing, f"queried but not exported by the daemon: {missing}"
     # The extractor found what it should: a broken one would pass the check above vacuously.

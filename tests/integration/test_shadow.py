@@ -65,6 +65,10 @@ def test_shadow_promotes_a_sound_candidate_and_rolls_back_a_skewed_one(
     daemon.wait_ready()
     daemon.wait_metric("anomaly_shadow_info", 1, timeout=30, version=skewed, kind="dense")
     stream(kafka_bootstrap, topics.input, 72, 10_000)
+    daemon.wait_metric("anomaly_shadow_scored_total", 1, role="candidate")
+    # While shadowing: both sides' score distributions (the dashboard's shadow panels).
+    for role in ("current", "candidate"):
+        assert daemon.metric("anomaly_shadow_score_quantile", role=role, q="0.99") > 0
     daemon.wait_metric("anomaly_shadow_decisions_total", 1, outcome="rolled_back")
     assert bundles.current_version(registry) == first
     assert bundles.candidate_version(registry) is None
