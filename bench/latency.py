@@ -2,14 +2,15 @@
 
     .venv/bin/python bench/latency.py [--max-rate 80000] [--rate R] [--seconds 30]
         [--configs 1000:0.2,1000:0.05,250:0.02,100:0.005] [--commit-interval S]
+        (an item may add the idle poll: 250:0.02:0.5)
         [--bootstrap HOST:PORT] [--out runs/bench/latency.json]
 
 Without --bootstrap it starts the repo's local broker on port 29292 and stops it at the end;
 a broker already serving there is used and left running. It trains a small bundle (as
 bench/e2e.py does) and simulates a pool of orders (1% anomalies) up front. Then, for each
-(batch.max_batch_size, batch.max_wait_seconds) in --configs, one daemon run on a fresh
-4-partition topic: a paced producer thread sends R events/s (default half of --max-rate)
-for --seconds, and a separate process reads the alert topic.
+(batch.max_batch_size, batch.max_wait_seconds[, batch.idle_poll_seconds]) in --configs, one
+daemon run on a fresh 4-partition topic: a paced producer thread sends R events/s (default
+half of --max-rate) for --seconds, and a separate process reads the alert topic.
 
 Each send's wall-clock time is taken just before `producer.send`, per partition in send
 order, so the k-th send to partition p is input offset k of the fresh topic. Each alert
@@ -271,16 +272,19 @@ def one_run(
     batch: int,
     wait: float,
     workdir: Path,
+    idle: float | None = None,
 ) -> dict[str, Any]:
     bootstrap, broker_pid = kafka.bootstrap, kafka.pid
     topic = f"latency-orders-{uuid.uuid4().hex[:8]}"  # fresh: offsets start at 0
     port = free_port()
     config = daemon_config(bootstrap, topic, bundle_path, port, batch)
     config["batch"]["max_wait_seconds"] = wait
+    if idle is not None:
+        config["batch"]["idle_poll_seconds"] = idle
     if args.commit_interval is not None:
         config["kafka"]["commit_interval_seconds"] = args.commit_interval
     k = config["kafka"]
-    rundir = workdir / f"daemon-{batch}-{wait:g}"
+    rundir = workdir / f"daemon-{batch}-{wait:g}-{idle}"
     rundir.mkdir()
     log_path = rundir / "daemon.log"  # where spawn_daemon writes it
     ctx = mp.get_context("spawn")  # a fork would copy the parent's Kafka client threads' state
@@ -389,6 +393,7 @@ def one_run(
     result = {
         "max_batch_size": batch,
         "max_wait_seconds": wait,
+        "idle_poll_seconds": idle,
         "target_rate": args.rate,
         "produced": produced,
         "produce_failures": producer.failed,
@@ -460,14 +465,15 @@ def table(runs: list[dict[str, Any]]) -> str:
         return "n/a" if v is None else f"{v:.1f}"
 
     lines = [
-        "| batch size | max wait s | produced/s achieved | alerts (timed) | alerts/s "
-        "| p50 ms | p90 ms | p99 ms | max ms | max lag | daemon CPU | machine busy |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch size | max wait s | idle poll s | produced/s achieved | alerts (timed) "
+        "| alerts/s | p50 ms | p90 ms | p99 ms | max ms | max lag | daemon CPU | machine busy |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         lat = r["latency_ms"]
         lines.append(
-            f"| {r['max_batch_size']} | {r['max_wait_seconds']:g} | {r['achieved_rate']:,.0f} "
+            f"| {r['max_batch_size']} | {r['max_wait_seconds']:g} | {_idle(r)} "
+            f"| {r['achieved_rate']:,.0f} "
             f"| {r['alerts_read']:,} ({r['alerts_timed']:,}) "
             f"| {r['alert_rate_per_second']:,.0f} | {ms(lat['p50'])} | {ms(lat['p90'])} "
             f"| {ms(lat['p99'])} | {ms(lat['max'])} | {r['max_consumer_lag']:,.0f} "
@@ -491,11 +497,17 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def parse_configs(text: str) -> list[tuple[int, float]]:
+def _idle(run: dict[str, Any]) -> str:
+    idle = run.get("idle_poll_seconds")
+    return "default" if idle is None else f"{idle:g}"
+
+
+def parse_configs(text: str) -> list[tuple[int, float, float | None]]:
+    """`size:wait[:idle]` items: batch size, max wait, and optionally the idle poll."""
     out = []
     for item in text.split(","):
-        size, _, wait = item.partition(":")
-        out.append((int(size), float(wait)))
+        size, wait, *idle = item.split(":")
+        out.append((int(size), float(wait), float(idle[0]) if idle else None))
     return out
 
 
@@ -509,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--configs",
         default=DEFAULT_CONFIGS,
-        help="daemon runs as max_batch_size:max_wait_seconds, comma-separated",
+        help="daemon runs as max_batch_size:max_wait_seconds[:idle_poll_seconds], comma-separated",
     )
     parser.add_argument(
         "--warmup", type=float, default=2.0, help="seconds of sends left out of the latencies"
@@ -544,9 +556,10 @@ def main(argv: list[str] | None = None) -> int:
         with broker(args.bootstrap) as kafka:
             info = machine_info(kafka.about)
             runs = []
-            for batch, wait in configs:
-                log(f"daemon run: batch {batch}, max wait {wait:g}s, {args.rate:,} events/s")
-                runs.append(one_run(args, kafka, bundle_path, pool, batch, wait, workdir))
+            for batch, wait, idle in configs:
+                log(f"daemon run: batch {batch}, max wait {wait:g}s, idle poll {idle}, "
+                    f"{args.rate:,} events/s")  # fmt: skip
+                runs.append(one_run(args, kafka, bundle_path, pool, batch, wait, workdir, idle))
 
     info["load_average_at_end"] = list(os.getloadavg())
     results = {

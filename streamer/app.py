@@ -42,7 +42,6 @@ from streamer.threshold import RollingQuantileThreshold
 
 log = logging.getLogger("streamer")
 
-IDLE_POLL_SECONDS = 0.5
 CHECK_SECONDS = 1.0  # lag and broker-contact checks
 METADATA_REFRESH_SECONDS = 5.0  # while no partition is assigned
 STATUS_LOG_SECONDS = 10.0
@@ -334,7 +333,7 @@ class Detector:
             while not self.should_exit:
                 self.heartbeat.beat()
                 now = time.monotonic()
-                wait = max(0.0, deadline - now) if self._buffer else IDLE_POLL_SECONDS
+                wait = max(0.0, deadline - now) if self._buffer else batch.idle_poll_seconds
                 try:
                     polled = consumer.poll(
                         timeout_ms=int(wait * 1000),

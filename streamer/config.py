@@ -114,12 +114,18 @@ class KafkaSettings(_Section, frozen=True):
 class BatchSettings(_Section, frozen=True):
     max_batch_size: int = 1000
     max_wait_seconds: float = 0.2
+    # How long one poll waits while no batch is open. kafka-python's poll with a long timeout
+    # (0.5 s was the default here) now and then returns ~100 ms after records have arrived,
+    # when the process also produces; short polls do not (bench/README.md, Latency).
+    idle_poll_seconds: float = 0.05
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError("batch.max_batch_size must be >= 1")
         if not 0.0 <= self.max_wait_seconds <= 60.0:
             raise ValueError("batch.max_wait_seconds must be in [0, 60]")
+        if not 0.0 < self.idle_poll_seconds <= 5.0:
+            raise ValueError("batch.idle_poll_seconds must be in (0, 5]")
 
 
 class ModelSettings(_Section, frozen=True):
