@@ -28,18 +28,15 @@ OPENBLAS/OMP/MKL are pinned to one thread before numpy loads, as the daemon pins
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -61,6 +58,7 @@ from e2e import (  # noqa: E402
     _shown,
     cpu_shares,
     log,
+    machine_info,
     machine_jiffies,
     make_events,
     train_bundle,
@@ -396,30 +394,11 @@ def window_table(
 
 
 def machine() -> dict[str, Any]:
-    def version(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "?"
-
-    cpu = "?"
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    return {
-        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": version("numpy"),
-        "msgspec": version("msgspec"),
-        "threads": {k: os.environ.get(k, "unset") for k in THREADS},
-        "load_average_at_start": list(os.getloadavg()),
-    }
+    """e2e's machine details (no broker here) and the thread settings this run pinned."""
+    info = machine_info("none: no Kafka in this benchmark")
+    info["threads"] = {k: os.environ.get(k, "unset") for k in THREADS}
+    info["msgspec"] = metadata.version("msgspec")
+    return info
 
 
 # -- main -------------------------------------------------------------------------------------
