@@ -200,8 +200,8 @@ def replay(pipeline: Any, series: Series, fields: list[str], batch_size: int, to
         messages = batch(a, b)
         result = pipeline.process(messages)
         run.dead_letters += len(result.dead_letters)
-        dead = {d.message.offset for d in result.dead_letters}
-        kept = np.array([msg.offset - n0 for msg in messages if msg.offset not in dead], dtype=int)
+        # The rows scored: dead letters and held-back rows (a window not full yet) have none.
+        kept = np.array([msg.offset - n0 for msg in result.scored], dtype=int)
         if smoothed:
             assert run.raw_scores is not None
             run.raw_scores[kept] = result.scores
