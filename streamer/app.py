@@ -468,23 +468,28 @@ class Detector:
             if self._shadow is not None:  # a candidate starts over where state moved
                 self._shadow.state.clear()
             self._clear_state = False
-        pending = self._restore & consumer.assignment()
+        # Take the request now: a rebalance during the restore (its callbacks can run inside
+        # any consumer call) files a new one, handled after the next poll.
+        pending, self._restore = self._restore, set()
+        pending &= consumer.assignment()
         if not pending or not state.needs_history or not self.settings.state.restore_events:
-            self._restore = set()
             return
         started = time.monotonic()
         first = _first_offsets(self._buffer, polled)
-        ends = {tp: first[tp] if tp in first else consumer.position(tp) for tp in pending}
         s = self.settings
-        tails = kafka_io.read_tails(
-            s.kafka, ends, s.state.restore_events, s.state.restore_timeout_seconds
-        )
+        try:
+            ends = {tp: first[tp] if tp in first else consumer.position(tp) for tp in pending}
+            tails = kafka_io.read_tails(
+                s.kafka, ends, s.state.restore_events, s.state.restore_timeout_seconds
+            )
+        except KafkaError:
+            self._restore |= pending  # retried after the back-off
+            raise
         events = 0
         for messages in tails.values():
             for i in range(0, len(messages), s.batch.max_batch_size):
                 self._pipeline.process(messages[i : i + s.batch.max_batch_size], replay=True)
             events += len(messages)
-        self._restore = set()
         seconds = time.monotonic() - started
         self.metrics.record_restore(len(pending), events, seconds)
         self.metrics.record_state(state)

@@ -174,6 +174,7 @@ def test_replica_killed_mid_stream_state_rebuilt_same_alerts_as_undisturbed(
     assert len(expected) > len(values) // 4
     assert got.keys() == expected.keys(), (
         f"{len(got.keys() - expected.keys())} extra, {len(expected.keys() - got.keys())} missing"
+        f"\nsurvivor:\n{survivor.output()}"
     )
     for event_id, score in expected.items():
         assert got[event_id] == pytest.approx(score, rel=1e-5), event_id
