@@ -72,7 +72,7 @@ from e2e import (
     stage_totals,
     train_bundle,
 )
-from soak import total, wait_ready
+from soak import pace, total, wait_ready
 
 LATENCY_PORT = "29292"  # clear of the demo, the tests, bench/e2e.py (29092) and soak (29192)
 DEFAULT_MAX_RATE = 80_000  # bench/e2e.py's daemon end-to-end rate on a 2-core machine, rounded
@@ -143,19 +143,11 @@ class StampedProducer(threading.Thread):
             send, topic, on_error, clock = producer.send, self.topic, self._on_error, time.time
             values, keys, parts, sent_at = self.values, self.keys, self.parts, self.sent_at
             n = len(values)
-            chunk = max(1, int(self.rate * 0.01))  # never a burst longer than 10 ms of load
             i = 0
             self.started_at = clock()
             started = time.monotonic()
-            end = started + self.seconds
-            while True:
-                now = time.monotonic()
-                if now >= end:
-                    break
-                due = min(chunk, int(self.rate * (now - started)) - self.sent)
-                if due <= 0:
-                    time.sleep(self.TICK)
-                    continue
+            # Never a burst longer than 10 ms of load.
+            for due in pace(self.rate, self.seconds, 0.01, self.TICK, lambda: False):
                 for _ in range(due):
                     p = parts[i]
                     sent_at[p].append(clock())

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -131,18 +131,10 @@ class PacedProducer(threading.Thread):
         try:
             send, topic, on_error = producer.send, self.topic, self._on_error
             values, keys, n = self.values, self.keys, len(self.values)
-            chunk = max(1, int(self.rate * 0.1))  # look at the clock at least every 0.1 s of load
             i = 0
             started = time.monotonic()
-            end = started + self.seconds
-            while not self.stop_event.is_set():
-                now = time.monotonic()
-                if now >= end:
-                    break
-                due = min(chunk, int(self.rate * (now - started)) - self.sent)
-                if due <= 0:
-                    time.sleep(self.TICK)
-                    continue
+            # Look at the clock at least every 0.1 s of load.
+            for due in pace(self.rate, self.seconds, 0.1, self.TICK, self.stop_event.is_set):
                 for _ in range(due):
                     send(topic, key=keys[i], value=values[i]).add_errback(on_error)
                     i = i + 1 if i + 1 < n else 0
@@ -151,6 +143,30 @@ class PacedProducer(threading.Thread):
             producer.flush()
         finally:
             producer.close()
+
+
+def pace(
+    rate: float, seconds: float, chunk_seconds: float, tick: float, stopped: Callable[[], bool]
+) -> Iterator[int]:
+    """How many sends are due, again and again, to hold `rate` events/s for `seconds`.
+
+    Never more than `chunk_seconds` of load at once, so the caller looks at the clock that
+    often; sleeps `tick` while nothing is due; ends early when `stopped()` says so.
+    """
+    chunk = max(1, int(rate * chunk_seconds))
+    started = time.monotonic()
+    end = started + seconds
+    sent = 0
+    while not stopped():
+        now = time.monotonic()
+        if now >= end:
+            return
+        due = min(chunk, int(rate * (now - started)) - sent)
+        if due <= 0:
+            time.sleep(tick)
+            continue
+        yield due
+        sent += due
 
 
 def create_input_topic(bootstrap: str, topic: str) -> None:
