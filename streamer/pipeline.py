@@ -109,7 +109,13 @@ class Pipeline:
             raw, x = raw[finite], x[finite]
             events = [e for e, ok in zip(events, finite, strict=True) if ok]
             kept = [m for m, ok in zip(kept, finite, strict=True) if ok]
-        keys = [getattr(e, self.spec.entity_field) for e in events]
+        keyed = (
+            st.windows is not None
+            or st.thresholds is not None
+            or (self.control is not None and self.control.active)
+        )
+        # Entity keys only where something is per entity: a dense, stateless batch skips them.
+        keys = [getattr(e, self.spec.entity_field) for e in events] if keyed else []
         rows = np.arange(len(events))
         model_input: np.ndarray = x
         if self.state.windows is not None:
