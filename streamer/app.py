@@ -105,6 +105,10 @@ class Detector:
         # rebuilt for the assigned ones before their first batch (see _rebuild_state).
         self._clear_state = False
         self._restore: set[TopicPartition] = set()
+        # kafka-python keeps a partition's position when a rebalance hands it back to the same
+        # consumer: the work dropped at the revoke must be re-read from the committed offset.
+        self._revoked: set[TopicPartition] = set()
+        self._rewind: set[TopicPartition] = set()
         self._next_metadata = 0.0
         c = settings.control
         self._side_topics = [t for t in (c.topic, c.feedback_topic) if t]
@@ -342,8 +346,9 @@ class Detector:
                 except KafkaError as exc:  # kafka-python retries itself; some errors escape
                     self._wait_after_failure(f"poll: {exc}")
                     continue
-                if self._clear_state or self._restore:
+                if self._clear_state or self._restore or self._rewind:
                     try:
+                        polled = self._rewind_kept(consumer, polled)
                         self._rebuild_state(consumer, polled)
                     except KafkaError as exc:
                         # Nothing unscored may be skipped: rewind to the first record not yet
@@ -452,6 +457,33 @@ class Detector:
             self.metrics.threshold_quantile.set(pipeline.threshold.quantile)
 
     # -- per-entity state ------------------------------------------------------------------
+
+    def _rewind_kept(
+        self, consumer: KafkaConsumer, polled: dict[Any, list[Any]]
+    ) -> dict[Any, list[Any]]:
+        """Seek partitions kept across a rebalance back to their committed offsets.
+
+        The revoke dropped their buffered and uncommitted work, but kafka-python kept their
+        positions past it; without this the dropped records would never be scored. Records
+        just polled from those partitions are left to the re-read.
+        """
+        rewind, self._rewind = self._rewind & consumer.assignment(), set()
+        if not rewind:
+            return polled
+        try:
+            for tp in rewind:
+                offset = consumer.committed(tp)
+                if offset is None:  # nothing committed yet: where the group starts reading
+                    if self.settings.kafka.auto_offset_reset == "earliest":
+                        consumer.seek_to_beginning(tp)
+                    else:
+                        consumer.seek_to_end(tp)
+                else:
+                    consumer.seek(tp, offset)
+        except KafkaError:
+            self._rewind |= rewind
+            raise
+        return {tp: records for tp, records in polled.items() if tp not in rewind}
 
     def _rebuild_state(self, consumer: KafkaConsumer, polled: dict[Any, list[Any]]) -> None:
         """Clear the state of revoked partitions and rebuild that of newly assigned ones.
@@ -668,8 +700,12 @@ class _Rebalance(ConsumerRebalanceListener):
         # The per-entity state has seen the dropped work too: the main loop clears it (this
         # thread must not touch it mid-batch) and restores whatever it is assigned next.
         d._clear_state = True
+        d._revoked = set(revoked)
         self.detector.metrics.forget_partitions([(tp.topic, tp.partition) for tp in revoked])
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
-        self.detector._restore = set(assigned)
+        d = self.detector
+        d._restore = set(assigned)
+        d._rewind |= d._revoked & set(assigned)
+        d._revoked = set()
