@@ -11,7 +11,12 @@ Scenarios of the dense path (the default), all over the same simulated orders an
 - the seeds' way (the baseline): one `model.predict(x[i:i+1])` per event;
 - model only, batched: KerasScorer.reconstruct on batches of 1000 (the model's ceiling);
 - pipeline only: Pipeline.process on batches of 1000 in this process, no Kafka;
-- bare consume: a kafka-python consumer that only polls 1000 and commits (Kafka's ceiling).
+- bare consume: a kafka-python consumer that only polls 1000 and commits (Kafka's ceiling),
+  and the same with confluent-kafka's consumer when it is installed.
+
+--clients picks the daemon's Kafka client(s) (`kafka.client`): one daemon row each, default
+both when confluent-kafka is installed. --daemon-cpus pins each daemon to that many CPUs (the
+last ones; default 1, "on one core"; 0 leaves it unpinned).
 
 --batch-size changes every "1000" above at once.
 
@@ -79,6 +84,7 @@ TRAIN_EVENTS = 20_000
 LSTM_WINDOW = 30
 LSTM_UNITS = [64, 32]
 RUNTIMES = ("numpy", "tensorflow")
+CLIENTS = ("kafka-python", "confluent")
 # What the daemon pins (streamer/__main__.py), plus TensorFlow's own pools: the LSTM path's
 # in-process rows run in a child with these, so "per core" means one thread.
 ROW_THREADS = {
@@ -286,6 +292,7 @@ def daemon_config(
     batch: int,
     profile: str = "orders",
     runtime: str | None = None,
+    client: str = "kafka-python",
 ) -> dict[str, Any]:
     """The daemon's config; `runtime` None leaves model.runtime at its default (numpy)."""
     token = uuid.uuid4().hex[:8]
@@ -301,6 +308,7 @@ def daemon_config(
             "alert_topic": f"{topic}-alerts",
             "dead_letter_topic": f"{topic}-dlq",
             "group_id": f"bench-daemon-{token}",
+            "client": client,
         },
         "model": model,
         "batch": {"max_batch_size": batch, "max_wait_seconds": 0.2},
@@ -405,8 +413,11 @@ def stage_totals(samples: Samples) -> dict[str, tuple[float, float]]:
     }
 
 
-def spawn_daemon(config: dict[str, Any], workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    """`python -m streamer run` on `config` (validated first), logging to workdir/daemon.log."""
+def spawn_daemon(
+    config: dict[str, Any], workdir: Path, cpus: set[int] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """`python -m streamer run` on `config` (validated first), logging to workdir/daemon.log;
+    pinned to `cpus` when given (librdkafka's threads included)."""
     config_path = workdir / "daemon.toml"
     config_path.write_text(to_toml(config))
     config_mod.load(config_path, environ={})  # fail here, not in the subprocess
@@ -421,17 +432,23 @@ def spawn_daemon(config: dict[str, Any], workdir: Path) -> tuple[subprocess.Pope
             stderr=subprocess.STDOUT,
             cwd=ROOT,
             env=env,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
     return proc, log_path
 
 
 def run_daemon(
-    config: dict[str, Any], workdir: Path, n: int, timeout: float, broker_pid: int | None
+    config: dict[str, Any],
+    workdir: Path,
+    n: int,
+    timeout: float,
+    broker_pid: int | None,
+    cpus: set[int] | None = None,
 ) -> tuple[Scenario, dict[str, Any]]:
     """Start the daemon on a full topic, wait until it has consumed `n`, then SIGTERM it."""
     port = int(config["metrics"]["port"])
     spawned = time.monotonic()
-    proc, log_path = spawn_daemon(config, workdir)
+    proc, log_path = spawn_daemon(config, workdir, cpus)
     with proc:
         try:
             return _measure(proc, port, n, spawned, timeout, broker_pid)
@@ -696,6 +713,50 @@ def bare_consume(bootstrap: str, topic: str, n: int, timeout: float, batch: int)
     )
 
 
+def bare_consume_confluent(
+    bootstrap: str, topic: str, n: int, timeout: float, batch: int
+) -> Scenario:
+    """confluent-kafka alone, as `bare_consume`: consume a batch, commit it, repeat."""
+    import confluent_kafka as ck
+
+    k = KafkaSettings(input_topic=topic, alert_topic="unused-a", dead_letter_topic="unused-b")
+    consumer = ck.Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-bare-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "fetch.max.bytes": k.fetch_max_bytes,
+            "max.partition.fetch.bytes": k.max_partition_fetch_bytes,
+            "isolation.level": "read_committed",
+        }
+    )
+    try:
+        consumer.subscribe([topic])
+        total = 0
+        while not total:  # timed from the return of the first non-empty consume
+            total = len(consumer.consume(batch, 0.5))
+        consumer.commit(asynchronous=False)
+        at_start, started = total, time.perf_counter()
+        deadline = started + timeout
+        while total < n:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"bare consumer read {total} of {n} in {timeout:.0f}s")
+            got = [m for m in consumer.consume(batch, 0.5) if m.error() is None]
+            if got:
+                consumer.commit(asynchronous=False)
+                total += len(got)
+        seconds = time.perf_counter() - started
+    finally:
+        consumer.close()
+    return Scenario(
+        f"bare consume: confluent-kafka consume({batch}) + commit",
+        total - at_start,
+        seconds,
+        "daemon's fetch settings, fresh group, read to the end",
+    )
+
+
 def _count(polled: dict[Any, list[Any]]) -> int:
     return sum(len(records) for records in polled.values())
 
@@ -759,6 +820,22 @@ def held_back_count(keys: list[bytes], length: int) -> int:
     return sum(min(c, length - 1) for c in Counter(keys).values())
 
 
+def default_clients() -> str:
+    import importlib.util
+
+    return ",".join(
+        c for c in CLIENTS if c != "confluent" or importlib.util.find_spec("confluent_kafka")
+    )
+
+
+def parse_clients(text: str) -> list[str]:
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = sorted(set(names) - set(CLIENTS))
+    if unknown or not names:
+        raise ValueError(f"clients {text!r}: choose one or more of {', '.join(CLIENTS)}")
+    return list(dict.fromkeys(names))
+
+
 def parse_runtimes(text: str) -> list[str]:
     """--runtimes "numpy,tensorflow" -> ["numpy", "tensorflow"]: known names, no repeats."""
     names = [t.strip() for t in text.split(",") if t.strip()]
@@ -801,6 +878,7 @@ def machine_info(broker_about: str) -> dict[str, Any]:
         "tensorflow": version("tensorflow"),
         "keras": version("keras"),
         "kafka-python": version("kafka-python"),
+        "confluent-kafka": version("confluent-kafka"),
         "numpy": version("numpy"),
         "broker": broker_about,
     }
@@ -871,6 +949,17 @@ def main(argv: list[str] | None = None) -> int:
         help="--model lstm: a daemon and a pipeline row per runtime (default numpy,tensorflow)",
     )
     parser.add_argument(
+        "--clients",
+        help="kafka.client of the daemon rows: kafka-python, confluent (default: both when "
+        "confluent-kafka is installed)",
+    )
+    parser.add_argument(
+        "--daemon-cpus",
+        type=int,
+        default=1,
+        help="pin each daemon to this many CPUs, the last ones (default 1; 0: unpinned)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="JSON results (default bench/results.json; with --model lstm results-lstm.json)",
@@ -899,8 +988,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runtimes needs --model lstm (the dense path's daemon runs numpy)")
     try:
         runtimes = parse_runtimes(args.runtimes or ",".join(RUNTIMES))
+        clients = parse_clients(args.clients or default_clients())
     except ValueError as exc:
         parser.error(str(exc))
+    if args.daemon_cpus < 0 or args.daemon_cpus > (os.cpu_count() or 1):
+        parser.error("--daemon-cpus must be between 0 and the number of CPUs")
+    cpus = set(range((os.cpu_count() or 1) - args.daemon_cpus, os.cpu_count() or 1)) or None
     sample = args.sample or (100 if lstm else 300)  # a per-window predict takes ~0.1 s
     out = args.out or ROOT / "bench" / ("results-lstm.json" if lstm else "results.json")
     w = WORKLOADS[args.model]
@@ -933,9 +1026,9 @@ def main(argv: list[str] | None = None) -> int:
         with broker(args.bootstrap) as kafka:
             bootstrap = kafka.bootstrap
             info = machine_info(kafka.about)
-            # Dense: one daemon at the config's default runtime (numpy), as before.
+            # Dense: daemons at the config's default runtime (numpy), one per client.
             configs = {
-                runtime: daemon_config(
+                label(runtime, client, lstm, len(clients)): daemon_config(
                     bootstrap,
                     topic,
                     bundle_path,
@@ -943,26 +1036,34 @@ def main(argv: list[str] | None = None) -> int:
                     args.batch_size,
                     w.profile,
                     runtime if lstm else None,
+                    client,
                 )
                 for runtime in (runtimes if lstm else ["numpy"])
+                for client in clients
             }
             k = next(iter(configs.values()))["kafka"]  # every daemon's topics are the same
             try:
                 create_topic(bootstrap, topic)
                 produce_seconds = produce(bootstrap, topic, values, keys)
                 log(f"produced {args.events:,} to {topic} in {produce_seconds:.1f}s")
-                for runtime, config in configs.items():
-                    log(f"daemon end to end ({runtime} runtime)")
+                for name, config in configs.items():
+                    log(f"daemon end to end ({name})")
                     daemon, details = run_daemon(
-                        config, workdir, args.events, args.timeout, kafka.pid
+                        config, workdir, args.events, args.timeout, kafka.pid, cpus
                     )
-                    if lstm:
-                        daemon.name, daemon.runtime = f"{daemon.name}, {runtime} runtime", runtime
+                    daemon.name = f"{daemon.name}, {name}"
+                    daemon.runtime = config["model"].get("runtime", "numpy")
                     daemons.append(daemon)
-                    daemon_details[runtime] = details
+                    daemon_details[name] = details
                     log(f"daemon: {daemon.rate:,.0f} events/s")
                 log("bare consume")
-                bare = bare_consume(bootstrap, topic, args.events, args.timeout, args.batch_size)
+                bares = [bare_consume(bootstrap, topic, args.events, args.timeout, args.batch_size)]
+                if "confluent" in clients:
+                    bares.append(
+                        bare_consume_confluent(
+                            bootstrap, topic, args.events, args.timeout, args.batch_size
+                        )
+                    )
             finally:
                 delete_topics(bootstrap, [topic, k["alert_topic"], k["dead_letter_topic"]])
 
@@ -987,7 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
             seeds = in_process[0]
             ceilings = model_only_rows(in_process).values()
             pipes = [r for r in in_process if r.name.startswith("pipeline only")]
-            rows = [*daemons, seeds, *ceilings, *pipes, bare]
+            rows = [*daemons, seeds, *ceilings, *pipes, *bares]
         else:
             import keras
 
@@ -998,7 +1099,7 @@ def main(argv: list[str] | None = None) -> int:
             scorer = KerasScorer.load(model_file, b.kind)
             model_only = batched(scorer, x, args.batch_size)
             pipe = pipeline_only(b, scorer, config, values)
-            rows = [*daemons, seeds, model_only, pipe, bare]
+            rows = [*daemons, seeds, model_only, pipe, *bares]
 
     info["load_average_at_end"] = list(os.getloadavg())
     shares = model_only_rows(rows) if lstm else None
@@ -1018,6 +1119,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch": config["batch"],
         "bundle": {"version": b.version, "kind": b.kind, "trained_here": args.bundle is None},
         "produce_seconds": produce_seconds,
+        "clients": clients,
+        "daemon_cpus": sorted(cpus) if cpus else "unpinned",
     }
     if lstm:
         settings["bundle"]["window_length"] = b.window_length
@@ -1032,7 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": seeds.name,
         "scenarios": scenarios,
         "daemon": daemon_details[next(iter(configs))],
-        **({"daemons": daemon_details} if lstm else {}),
+        "daemons": daemon_details,
         "seconds_total": time.monotonic() - run_started,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1040,7 +1143,8 @@ def main(argv: list[str] | None = None) -> int:
 
     versions = (
         f"nproc {info['nproc']}, Python {info['python']}, TensorFlow {info['tensorflow']}, "
-        f"kafka-python {info['kafka-python']}; {info['date_utc']}"
+        f"kafka-python {info['kafka-python']}, confluent-kafka {info['confluent-kafka']}; "
+        f"{info['date_utc']}"
     )
     if lstm:
         assert threads is not None and b.window_length is not None
@@ -1057,12 +1161,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{versions}\n"
         )
     print(table(rows, seeds, shares))
-    for runtime, details in daemon_details.items():
+    for name, details in daemon_details.items():
         print()
-        print(stage_table(details, f"daemon, {runtime} runtime: stage" if lstm else "daemon stage"))
+        print(stage_table(details, f"daemon, {name}: stage"))
     print(f"\nresults written to {_shown(out)}")
     log(f"done in {time.monotonic() - run_started:.0f}s")
     return 0
+
+
+def label(runtime: str, client: str, lstm: bool, clients: int) -> str:
+    """A daemon row's name: its runtime (LSTM) and its client (when more than one is run)."""
+    parts = [f"{runtime} runtime"] if lstm else []
+    return ", ".join([*parts, client] if clients > 1 or not lstm else parts)
 
 
 def _shown(path: Path) -> str:

@@ -27,6 +27,7 @@ the batch settings (and kafka.commit_interval_seconds with --commit-interval).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -67,6 +68,7 @@ from e2e import (
     machine_jiffies,
     make_orders,
     metric,
+    parse_clients,
     scrape,
     spawn_daemon,
     stage_totals,
@@ -265,18 +267,19 @@ def one_run(
     wait: float,
     workdir: Path,
     idle: float | None = None,
+    client: str = "kafka-python",
 ) -> dict[str, Any]:
     bootstrap, broker_pid = kafka.bootstrap, kafka.pid
     topic = f"latency-orders-{uuid.uuid4().hex[:8]}"  # fresh: offsets start at 0
     port = free_port()
-    config = daemon_config(bootstrap, topic, bundle_path, port, batch)
+    config = daemon_config(bootstrap, topic, bundle_path, port, batch, client=client)
     config["batch"]["max_wait_seconds"] = wait
     if idle is not None:
         config["batch"]["idle_poll_seconds"] = idle
     if args.commit_interval is not None:
         config["kafka"]["commit_interval_seconds"] = args.commit_interval
     k = config["kafka"]
-    rundir = workdir / f"daemon-{batch}-{wait:g}-{idle}"
+    rundir = workdir / f"daemon-{batch}-{wait:g}-{idle}-{client}"
     rundir.mkdir()
     log_path = rundir / "daemon.log"  # where spawn_daemon writes it
     ctx = mp.get_context("spawn")  # a fork would copy the parent's Kafka client threads' state
@@ -383,6 +386,7 @@ def one_run(
     ms_detected = 1000 * np.asarray(to_detected)
     shares = cpu_shares(jiffies0, jiffies1)
     result = {
+        "client": client,
         "max_batch_size": batch,
         "max_wait_seconds": wait,
         "idle_poll_seconds": idle,
@@ -457,14 +461,14 @@ def table(runs: list[dict[str, Any]]) -> str:
         return "n/a" if v is None else f"{v:.1f}"
 
     lines = [
-        "| batch size | max wait s | idle poll s | produced/s achieved | alerts (timed) "
+        "| client | batch size | max wait s | idle poll s | produced/s achieved | alerts (timed) "
         "| alerts/s | p50 ms | p90 ms | p99 ms | max ms | max lag | daemon CPU | machine busy |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         lat = r["latency_ms"]
         lines.append(
-            f"| {r['max_batch_size']} | {r['max_wait_seconds']:g} | {_idle(r)} "
+            f"| {_client(r)} | {r['max_batch_size']} | {r['max_wait_seconds']:g} | {_idle(r)} "
             f"| {r['achieved_rate']:,.0f} "
             f"| {r['alerts_read']:,} ({r['alerts_timed']:,}) "
             f"| {r['alert_rate_per_second']:,.0f} | {ms(lat['p50'])} | {ms(lat['p90'])} "
@@ -474,19 +478,24 @@ def table(runs: list[dict[str, Any]]) -> str:
         )
     lines += [
         "",
-        "| batch size | max wait s | sent -> detected p50 / p99 ms | detected -> read p50 / p99 ms "
-        "| flush ms (mean) | commit ms (mean, max bucket) | mean batch |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| client | batch size | max wait s | sent -> detected p50 / p99 ms "
+        "| detected -> read p50 / p99 ms | flush ms (mean) | commit ms (mean, max bucket) "
+        "| mean batch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         d, a, st = r["sent_to_detected_ms"], r["detected_to_read_ms"], r["stage_mean_ms"]
         lines.append(
-            f"| {r['max_batch_size']} | {r['max_wait_seconds']:g} "
+            f"| {_client(r)} | {r['max_batch_size']} | {r['max_wait_seconds']:g} "
             f"| {ms(d['p50'])} / {ms(d['p99'])} | {ms(a['p50'])} / {ms(a['p99'])} "
             f"| {ms(st['produce'])} | {ms(st['commit'])}, <= {ms(r['commit_max_bucket_ms'])} "
             f"| {r['mean_batch_size']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def _client(run: dict[str, Any]) -> str:
+    return str(run.get("client", "kafka-python"))  # runs saved before clients were a choice
 
 
 def _idle(run: dict[str, Any]) -> str:
@@ -520,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--linger-ms", type=int, default=5, help="the benchmark producer's linger")
     parser.add_argument(
+        "--clients",
+        default="kafka-python",
+        help="kafka.client: each config runs once per client (kafka-python, confluent)",
+    )
+    parser.add_argument(
         "--commit-interval",
         type=float,
         help="kafka.commit_interval_seconds (default: the daemon's)",
@@ -533,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.rate is None:
         args.rate = args.max_rate // 2
     configs = parse_configs(args.configs)
+    try:
+        clients = parse_clients(args.clients)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.seconds <= args.warmup or args.rate < 1 or args.pool < 1:
         parser.error("--seconds must exceed --warmup; --rate and --pool must be positive")
     command = " ".join(["bench/latency.py", *(sys.argv[1:] if argv is None else argv)])
@@ -548,10 +566,12 @@ def main(argv: list[str] | None = None) -> int:
         with broker(args.bootstrap) as kafka:
             info = machine_info(kafka.about)
             runs = []
-            for batch, wait, idle in configs:
-                log(f"daemon run: batch {batch}, max wait {wait:g}s, idle poll {idle}, "
+            for (batch, wait, idle), client in itertools.product(configs, clients):
+                log(f"daemon run: {client}, batch {batch}, max wait {wait:g}s, idle poll {idle}, "
                     f"{args.rate:,} events/s")  # fmt: skip
-                runs.append(one_run(args, kafka, bundle_path, pool, batch, wait, workdir, idle))
+                runs.append(
+                    one_run(args, kafka, bundle_path, pool, batch, wait, workdir, idle, client)
+                )
 
     info["load_average_at_end"] = list(os.getloadavg())
     results = {

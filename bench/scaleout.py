@@ -37,6 +37,7 @@ from typing import Any
 
 # Run as `python bench/scaleout.py`: bench/ itself is on sys.path, so e2e imports as a module.
 from e2e import (
+    CLIENTS,
     PARTITIONS,
     ROOT,
     Broker,
@@ -124,6 +125,7 @@ def run_group(
     keys: list[bytes],
     workdir: Path,
     timeout: float,
+    client: str = "kafka-python",
 ) -> dict[str, Any]:
     """`processes` daemons in one fresh group on a fresh topic; time them to n consumed."""
     n = len(values)
@@ -131,7 +133,7 @@ def run_group(
     topic, group = f"scaleout-orders-{token}", f"bench-scaleout-{token}"
     daemons: list[tuple[subprocess.Popen[bytes], int, Path]] = []
     held: HeldBack | None = None
-    config = daemon_config(kafka.bootstrap, topic, bundle_path, 0, BATCH)
+    config = daemon_config(kafka.bootstrap, topic, bundle_path, 0, BATCH, client=client)
     k = config["kafka"]
     try:
         create_topic(kafka.bootstrap, topic)
@@ -140,7 +142,7 @@ def run_group(
         log(f"{n:,} events written (not yet committed) in {time.monotonic() - started:.1f}s")
         for i in range(processes):
             port = free_port()
-            config = daemon_config(kafka.bootstrap, topic, bundle_path, port, BATCH)
+            config = daemon_config(kafka.bootstrap, topic, bundle_path, port, BATCH, client=client)
             config["kafka"]["group_id"] = group
             rundir = workdir / f"{group}-{i}"
             rundir.mkdir()
@@ -290,7 +292,9 @@ def scenarios(
     # Interleaved, so that a drift in the machine's load hits both scenarios.
     for rep in range(args.repeats):
         for processes in (1, 2):
-            r = run_group(kafka, bundle_path, processes, values, keys, workdir, args.timeout)
+            r = run_group(
+                kafka, bundle_path, processes, values, keys, workdir, args.timeout, args.client
+            )
             rate, window = r["events_per_second"], r["window_seconds"]
             log(f"run {rep + 1}, {processes} process(es): {rate:,.0f} events/s in {window:.2f}s")
             runs.append(r)
@@ -306,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=21, help="simulator seed of the stream")
     parser.add_argument("--epochs", type=int, default=5, help="epochs when training the bundle")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per scenario run")
+    parser.add_argument(
+        "--client", choices=CLIENTS, default="kafka-python", help="the daemons' kafka.client"
+    )
     args = parser.parse_args(argv)
     if args.events < BATCH or args.repeats < 1:
         parser.error(f"--events must be at least {BATCH} and --repeats at least 1")
@@ -335,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             "partitions": PARTITIONS,
             "batch": {"max_batch_size": BATCH, "max_wait_seconds": 0.2},
             "anomaly_rate": ANOMALY_RATE,
+            "client": args.client,
             "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         },
         "summary": {"one": one, "two": two, "ratio_two_to_one": ratio},
@@ -343,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(
-        f"\nscale-out: {args.events:,} orders, {PARTITIONS} partitions, batch {BATCH}, "
+        f"\nscale-out ({args.client}): {args.events:,} orders, {PARTITIONS} partitions, "
+        f"batch {BATCH}, "
         f"{args.repeats} run(s) each; OPENBLAS_NUM_THREADS="
         f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; nproc {info['nproc']}, "
         f"{info['date_utc']}\n"

@@ -16,7 +16,7 @@ from types import FrameType
 from typing import Any
 
 import numpy as np
-from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
@@ -41,6 +41,7 @@ from streamer.state import EntityState
 from streamer.threshold import RollingQuantileThreshold
 
 log = logging.getLogger("streamer")
+Polled = dict[TopicPartition, list[RawMessage]]  # one poll, by partition
 
 CHECK_SECONDS = 1.0  # lag and broker-contact checks
 METADATA_REFRESH_SECONDS = 5.0  # while no partition is assigned
@@ -95,7 +96,7 @@ class Detector:
         self._ready = False
         self._broker_ok = False
         self._buffer: list[RawMessage] = []
-        self._consumer: KafkaConsumer | None = None
+        self._consumer: kafka_io.GroupConsumer | None = None
         self._outbox: Outbox | None = None
         self._server: StatusServer | None = None
         self._pipeline: Pipeline | None = None
@@ -142,9 +143,10 @@ class Detector:
         if self.should_exit:
             return
         log.info(
-            "consuming %s as group %s (%s); alerts -> %s, dead letters -> %s; "
+            "consuming %s as group %s (%s, %s client); alerts -> %s, dead letters -> %s; "
             "metrics on http://%s:%d/metrics; started in %.1fs",
-            s.kafka.input_topic, s.kafka.group_id, s.kafka.delivery, s.kafka.alert_topic,
+            s.kafka.input_topic, s.kafka.group_id, s.kafka.delivery, s.kafka.client,
+            s.kafka.alert_topic,
             s.kafka.dead_letter_topic, s.metrics.host, self._server.port,
             time.monotonic() - started,
         )  # fmt: skip
@@ -303,6 +305,25 @@ class Detector:
             except (KafkaError, DeliveryError) as exc:
                 self._wait_after_failure(f"cannot reach Kafka at {','.join(k.servers)}: {exc}")
 
+    def _replace_consumer(self, why: str) -> None:
+        """A new consumer and outbox for a broken consumer: uncommitted work is dropped and
+        replayed from the committed offsets, as after a rebalance."""
+        log.error("consumer failed for good (%s): replacing it", why)
+        self._buffer = []
+        self._clear_state = True
+        outbox, consumer = self._outbox, self._consumer
+        self._consumer = self._outbox = None
+        try:  # a broken client may fail to close: the new one is what matters
+            if outbox is not None:
+                outbox.drop()
+                outbox.close()
+            if consumer is not None:
+                consumer.close()
+        except Exception:
+            log.debug("closing a broken consumer", exc_info=True)
+        self._set_ready(False)
+        self._connect()
+
     @property
     def metrics_port(self) -> int:
         assert self._server is not None
@@ -339,11 +360,16 @@ class Detector:
                 now = time.monotonic()
                 wait = max(0.0, deadline - now) if self._buffer else batch.idle_poll_seconds
                 try:
-                    polled = consumer.poll(
-                        timeout_ms=int(wait * 1000),
-                        max_records=batch.max_batch_size - len(self._buffer),
+                    polled = consumer.poll_raw(
+                        int(wait * 1000), batch.max_batch_size - len(self._buffer)
                     )
-                except KafkaError as exc:  # kafka-python retries itself; some errors escape
+                except kafka_io.ConsumerBroken as exc:
+                    self._replace_consumer(str(exc))
+                    if self._consumer is None:  # stopped while reconnecting
+                        break
+                    consumer = self._consumer
+                    continue
+                except KafkaError as exc:  # the clients retry themselves; some errors escape
                     self._wait_after_failure(f"poll: {exc}")
                     continue
                 if self._clear_state or self._restore or self._rewind:
@@ -362,7 +388,7 @@ class Detector:
                     if not self._buffer:
                         deadline = time.monotonic() + batch.max_wait_seconds
                     for records in polled.values():
-                        self._buffer.extend(kafka_io.to_raw(records))
+                        self._buffer.extend(records)
                 now = time.monotonic()
                 if self._buffer and (len(self._buffer) >= batch.max_batch_size or now >= deadline):
                     self.flush_batch()
@@ -458,9 +484,7 @@ class Detector:
 
     # -- per-entity state ------------------------------------------------------------------
 
-    def _rewind_kept(
-        self, consumer: KafkaConsumer, polled: dict[Any, list[Any]]
-    ) -> dict[Any, list[Any]]:
+    def _rewind_kept(self, consumer: kafka_io.GroupConsumer, polled: Polled) -> Polled:
         """Seek partitions kept across a rebalance back to their committed offsets.
 
         The revoke dropped their buffered and uncommitted work, but kafka-python kept their
@@ -485,7 +509,7 @@ class Detector:
             raise
         return {tp: records for tp, records in polled.items() if tp not in rewind}
 
-    def _rebuild_state(self, consumer: KafkaConsumer, polled: dict[Any, list[Any]]) -> None:
+    def _rebuild_state(self, consumer: kafka_io.GroupConsumer, polled: Polled) -> None:
         """Clear the state of revoked partitions and rebuild that of newly assigned ones.
 
         Each assigned partition's tail, up to `state.restore_events` messages before the
@@ -607,12 +631,12 @@ class Detector:
 
     # -- observability ---------------------------------------------------------------------
 
-    def _check(self, consumer: KafkaConsumer, polled_any: bool) -> None:
+    def _check(self, consumer: kafka_io.GroupConsumer, polled_any: bool) -> None:
         """Once a second: consumer lag, and whether the group coordinator still answers."""
         try:
-            for tp, lag in kafka_io.consumer_lag(consumer).items():
+            for tp, lag in consumer.lag().items():
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
-            in_touch = polled_any or kafka_io.coordinator_in_touch(consumer)
+            in_touch = polled_any or consumer.coordinator_in_touch()
             if not consumer.assignment() and time.monotonic() >= self._next_metadata:
                 # Joined before the broker's metadata listed the topic's partitions (a topic
                 # created moments before): kafka-python would wait metadata_max_age_ms (5 min)
@@ -650,9 +674,7 @@ class Detector:
         )  # fmt: skip
 
 
-def _first_offsets(
-    buffer: list[RawMessage], polled: dict[Any, list[Any]]
-) -> dict[TopicPartition, int]:
+def _first_offsets(buffer: list[RawMessage], polled: Polled) -> dict[TopicPartition, int]:
     """Per partition, the first offset held but not yet scored (buffered or just polled)."""
     first: dict[TopicPartition, int] = {}
     for m in buffer:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 import msgspec
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, ProducerFencedError
 from kafka.structs import OffsetAndMetadata
 
@@ -159,7 +159,7 @@ class Outbox:
 
 
 class AtLeastOnce:
-    def __init__(self, kafka: KafkaSettings, consumer: KafkaConsumer) -> None:
+    def __init__(self, kafka: KafkaSettings, consumer: kafka_io.GroupConsumer) -> None:
         self.kafka = kafka
         self.consumer = consumer
         self.producer = kafka_io.make_producer(kafka)
@@ -211,13 +211,13 @@ class ExactlyOnce:
     def __init__(
         self,
         kafka: KafkaSettings,
-        consumer: KafkaConsumer,
-        make_producer: Callable[[], KafkaProducer] | None = None,
+        consumer: kafka_io.GroupConsumer,
+        make_producer: Callable[[], Any] | None = None,
     ) -> None:
         self.kafka = kafka
         self.consumer = consumer
         self._make = make_producer or (lambda: kafka_io.make_producer(kafka, transactional=True))
-        self.producer: KafkaProducer | None = None
+        self.producer: Any = None  # kafka_io.make_producer's
 
     def prepare(self) -> None:
         """Initialise transactions before the first poll.
@@ -228,7 +228,7 @@ class ExactlyOnce:
         """
         self._ensure_producer()
 
-    def _ensure_producer(self) -> KafkaProducer:
+    def _ensure_producer(self) -> Any:
         if self.producer is None:
             producer = self._make()
             try:
@@ -283,7 +283,8 @@ class ExactlyOnce:
 
 
 class _TransactionErrors:
-    """Map kafka-python's transaction errors onto retry, rebalance or stop."""
+    """Map transaction errors (kafka-python's types, which confluent_io raises too) onto retry,
+    rebalance or stop."""
 
     def __init__(self, eos: ExactlyOnce, what: str) -> None:
         self.eos, self.what = eos, what
@@ -306,7 +307,7 @@ class _TransactionErrors:
         raise DeliveryError(f"transaction {self.what}: {exc}") from exc
 
 
-def make_outbox(kafka: KafkaSettings, consumer: KafkaConsumer) -> Outbox:
+def make_outbox(kafka: KafkaSettings, consumer: kafka_io.GroupConsumer) -> Outbox:
     transport: Transport = (
         ExactlyOnce(kafka, consumer) if kafka.delivery == "exactly-once"
         else AtLeastOnce(kafka, consumer)

@@ -1,4 +1,8 @@
-"""kafka-python at the edges: topics, the consumer, the producer, and record conversions."""
+"""Kafka at the edges: topics, the consumer, the producer, and record conversions.
+
+kafka-python by default; with `kafka.client = "confluent"` the daemon's consumer and producer
+are confluent-kafka's (streamer/confluent_io.py), behind the same surface (`GroupConsumer`).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,16 @@ import logging
 import socket
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from kafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+)
 from kafka.structs import OffsetAndMetadata
 
 from streamer.config import KafkaSettings
@@ -21,6 +30,11 @@ log = logging.getLogger(__name__)
 
 class StartupError(Exception):
     """Kafka is not in a state the daemon can start in; the message says what to fix."""
+
+
+class ConsumerBroken(KafkaError):
+    """The consumer cannot go on (a fatal librdkafka error, e.g. fenced as a static member):
+    the daemon replaces it, and the new one replays what was not committed."""
 
 
 SECURITY_OPTIONS = (
@@ -79,8 +93,57 @@ def prepare_topics(kafka: KafkaSettings, side_topics: Sequence[str] = ()) -> Non
         admin.close()
 
 
-def make_consumer(kafka: KafkaSettings) -> KafkaConsumer:
-    return KafkaConsumer(
+class GroupConsumer(Protocol):
+    """What the daemon asks of its group consumer, whichever client serves it."""
+
+    def subscribe(self, topics: Sequence[str], listener: ConsumerRebalanceListener) -> None: ...
+    def poll_raw(
+        self, timeout_ms: int, max_records: int
+    ) -> dict[TopicPartition, list[RawMessage]]: ...
+    def assignment(self) -> set[TopicPartition]: ...
+    def seek(self, tp: TopicPartition, offset: int) -> None: ...
+    def seek_to_beginning(self, tp: TopicPartition) -> None: ...
+    def seek_to_end(self, tp: TopicPartition) -> None: ...
+    def committed(self, tp: TopicPartition) -> int | None: ...
+    def position(self, tp: TopicPartition) -> int: ...
+    def lag(self) -> dict[TopicPartition, int]: ...
+    def coordinator_in_touch(self, within_seconds: float = 10.0) -> bool: ...
+    def topics(self) -> set[str]: ...
+    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None: ...
+    def group_metadata(self) -> Any: ...
+    def close(self, autocommit: bool = False) -> None: ...
+
+
+class Consumer(KafkaConsumer):  # type: ignore[misc]
+    """kafka-python's consumer plus the few calls the daemon makes of either client."""
+
+    def poll_raw(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[RawMessage]]:
+        polled = self.poll(timeout_ms=timeout_ms, max_records=max_records)
+        return {tp: to_raw(records) for tp, records in polled.items()}
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """Lag per assigned partition, from the high watermarks the fetches already returned."""
+        lag: dict[TopicPartition, int] = {}
+        for tp in self.assignment():
+            high = self.highwater(tp)
+            if high is None:
+                continue
+            lag[tp] = max(0, high - self.position(tp))
+        return lag
+
+    def coordinator_in_touch(self, within_seconds: float = 10.0) -> bool:
+        """True while the group coordinator answers heartbeats (sent every 3 s)."""
+        group = self.metrics().get("consumer-coordinator-metrics", {})
+        ago = group.get("last-heartbeat-seconds-ago")
+        return ago is not None and bool(ago < within_seconds)
+
+
+def make_consumer(kafka: KafkaSettings) -> GroupConsumer:
+    if kafka.client == "confluent":
+        from streamer import confluent_io  # optional dependency
+
+        return confluent_io.Consumer(kafka)
+    consumer: GroupConsumer = Consumer(
         **common_options(kafka),
         group_id=kafka.group_id,
         group_instance_id=kafka.group_instance_id,
@@ -92,9 +155,15 @@ def make_consumer(kafka: KafkaSettings) -> KafkaConsumer:
         max_partition_fetch_bytes=kafka.max_partition_fetch_bytes,
         isolation_level="read_committed",
     )
+    return consumer
 
 
-def make_producer(kafka: KafkaSettings, transactional: bool = False) -> KafkaProducer:
+def make_producer(kafka: KafkaSettings, transactional: bool = False) -> Any:
+    """A KafkaProducer, or confluent_io.Producer (the same calls) with the confluent client."""
+    if kafka.client == "confluent":
+        from streamer import confluent_io  # optional dependency
+
+        return confluent_io.make_producer(kafka, transactional, transactional_id(kafka))
     acks: int | str = "all" if kafka.producer_acks == "all" else int(kafka.producer_acks)
     # Idempotence (no duplicates from the producer's own retries) needs acks=all.
     extra: dict[str, Any] = {"enable_idempotence": acks == "all"}
@@ -142,24 +211,6 @@ def next_offsets(messages: Sequence[RawMessage]) -> dict[TopicPartition, OffsetA
         if m.offset >= last.get(tp, -1):
             last[tp] = m.offset
     return {tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in last.items()}
-
-
-def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
-    """Lag per assigned partition, from the high watermarks the fetches already returned."""
-    lag: dict[TopicPartition, int] = {}
-    for tp in consumer.assignment():
-        high = consumer.highwater(tp)
-        if high is None:
-            continue
-        lag[tp] = max(0, high - consumer.position(tp))
-    return lag
-
-
-def coordinator_in_touch(consumer: KafkaConsumer, within_seconds: float = 10.0) -> bool:
-    """True while the group coordinator answers heartbeats (kafka-python sends one every 3 s)."""
-    group = consumer.metrics().get("consumer-coordinator-metrics", {})
-    ago = group.get("last-heartbeat-seconds-ago")
-    return ago is not None and ago < within_seconds
 
 
 def read_tails(

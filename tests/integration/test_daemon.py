@@ -130,12 +130,19 @@ def test_sigterm_mid_stream_commits_everything_consumed(
     kafka_bootstrap: str, topics: Topics, start_daemon: Callable[..., Daemon]
 ) -> None:
     values, keys, _ = orders(60_000, seed=23, rate=0.01)
-    produce(kafka_bootstrap, topics.input, values, keys)
-    # Small batches so the stream takes a while and the signal lands mid-way.
+
+    def trickle() -> None:  # still producing when the signal lands, however fast the client
+        for i in range(0, len(values), 2_000):
+            produce(kafka_bootstrap, topics.input, values[i : i + 2_000], keys[i : i + 2_000])
+            time.sleep(0.25)
+
+    producer = threading.Thread(target=trickle)
+    producer.start()
     daemon = start_daemon(batch_size=50, wait_seconds=0.05)
     daemon.wait_ready()
     daemon.wait_metric("anomaly_events_consumed_total", 5_000)
     assert daemon.stop(signal.SIGTERM) == 0
+    producer.join()
 
     final = re.findall(r"consumed=(\d+) scored", daemon.output())
     consumed = int(final[-1])

@@ -188,10 +188,15 @@ def test_broker_restart_mid_stream_loses_nothing(
     wait_until(lambda: _status(daemon, "/readyz") == 503, 30, "/readyz to report the outage")
     own_broker.start()  # returns once the broker serves again
     back = time.monotonic()
+    # librdkafka ends a session its coordinator has not answered for session_timeout_ms
+    # (10 s, shorter than this outage) and rejoins as a new member, whom the broker admits
+    # once the old membership expires: up to one more session timeout (README: Kafka client).
+    # kafka-python keeps its membership through the outage.
+    within = 20 if os.environ.get("STREAMER_KAFKA__CLIENT") == "confluent" else 10
     wait_until(
         lambda: daemon.metric("anomaly_events_consumed_total") > 10_000,
-        10,
-        "consumption to resume within 10 s of the broker being back",
+        within,
+        f"consumption to resume within {within} s of the broker being back",
     )
     print(f"resumed {time.monotonic() - back:.1f}s after the broker was back")
     rest.join(120)

@@ -127,6 +127,7 @@ def test_security_and_delivery_settings() -> None:
         ({"ssl_certfile": "c.pem"}, r"ssl_certfile and kafka\.ssl_keyfile"),
         ({"delivery": "at-most-once"}, r"\$\.kafka\.delivery"),
         ({"security_protocol": "TLS"}, r"\$\.kafka\.security_protocol"),
+        ({"client": "librdkafka"}, r"\$\.kafka\.client"),
     ],
 )
 def test_bad_security_settings_are_named(kafka: dict, named: str) -> None:
