@@ -1,4 +1,5 @@
-"""Per-entity state behind the stateful feature columns (Rolling, SincePrevious). No I/O.
+"""Per-entity state behind the stateful feature columns (Rolling, SincePrevious, LabelRate).
+No I/O.
 
 >>> from streamer.features import FeatureSpec, Rolling, SincePrevious
 >>> spec = FeatureSpec(profile="demo", entity_field="user", time_field="ts",
@@ -32,6 +33,16 @@ horizon after the key's last: its windows would be empty and its since_previous 
 values of no state at all, so idle eviction changes no feature. The clock is the arriving
 event, not the largest time seen, so one event with a wild future time cannot idle every key.
 
+LabelRate: per key, its events counted per hour of event time (`streamer.labels`), in two
+`array("q")`s (hours, counts) that the column's windows share, with per window a head index
+and the running count of the hours [head, end) before the window's end hour; about 16 bytes
+per hour with events in the longest window plus delay. The confirmed counts are not here but
+in a `LabelStore` (labels arrive apart from events, from every partition): it outlives
+`clear()`, and each event sums its key's labeled hours in the windows (few: labels are rare).
+`confirm(event)` is the label of one processed event becoming known; in a time-ordered
+stream whose labels arrive `delay` after their events (`streamer.labels.deliveries`), the
+rate is the share of the window's events that are anomalous.
+
 Order: the features are exact when each key's events arrive in event-time order (Kafka
 partitions keyed by the entity). A late event (before its key's latest) is taken as happening
 at that latest time, so the windows stay in time order; one more than a horizon late (say the
@@ -52,7 +63,8 @@ from typing import Any
 
 import numpy as np
 
-from streamer.features import STATS, FeatureSpec, Rolling, SincePrevious
+from streamer.features import LABEL_STATS, STATS, FeatureSpec, LabelRate, Rolling, SincePrevious
+from streamer.labels import BUCKET_SECONDS, LabelStore
 
 _MAX_ABS = 1e150  # larger values stay out of the state: sums of their squares could overflow
 _IDLE_SWEEP = 2  # idle keys dropped per new key at most: bounded work per event
@@ -78,29 +90,49 @@ class _Series:
         self.gone = [0.0] * windows  # (value - shift)² taken out of s2 since the last recentre
 
 
-class _Entity:
-    __slots__ = ("last", "series")
+class _Counts:
+    """One key's events per hour, for one LabelRate column: window i sums hours [heads[i], end)."""
 
-    def __init__(self, last: float, series: list[_Series]) -> None:
+    __slots__ = ("end", "events", "heads", "hours", "sums")
+
+    def __init__(self, windows: int) -> None:
+        self.hours = array("q")  # increasing
+        self.events = array("q")  # events in each hour
+        self.heads = [0] * windows
+        self.end = 0  # first hour not before the windows' end
+        self.sums = [0] * windows
+
+
+class _Entity:
+    __slots__ = ("counts", "last", "series")
+
+    def __init__(self, last: float, series: list[_Series], counts: list[_Counts]) -> None:
         self.last = last  # latest event time, also the floor for late events
         self.series = series
+        self.counts = counts
 
 
 # The plan for one key field: (key field, [(offset, cap)] per SincePrevious column,
-# [(series index, field, windows, slots)] per Rolling column), where slots[i] lists the
-# (stat index, output offset) pairs of window i.
+# [(series index, field, windows, slots)] per Rolling column, [(counts index, delay hours,
+# window hours, slots)] per LabelRate column), where slots[i] lists the (stat index, output
+# offset) pairs of window i.
 _Slots = tuple[tuple[int, int], ...]
 _Roll = tuple[int, str, tuple[float, ...], list[_Slots]]
-_Group = tuple[str, list[tuple[int, float]], list[_Roll]]
+_Rate = tuple[int, int, tuple[int, ...], list[_Slots]]
+_Group = tuple[str, list[tuple[int, float]], list[_Roll], list[_Rate]]
 
 
 class AggregateState:
     """Rolling per-entity statistics in event time; `update` gives the stateful features."""
 
-    def __init__(self, spec: FeatureSpec, max_entities: int = 100_000) -> None:
+    def __init__(
+        self, spec: FeatureSpec, max_entities: int = 100_000, labels: LabelStore | None = None
+    ) -> None:
         if max_entities < 1:
             raise ValueError("max_entities must be >= 1")
         self.spec = spec
+        # Shared with whoever delivers labels (the app's ControlState), when given.
+        self.labels = labels if labels is not None else LabelStore(max_keys=max_entities)
         self.max_entities = max_entities
         self.evictions: dict[str, int] = {"idle": 0, "capacity": 0}
         self._states: OrderedDict[Hashable, _Entity] = OrderedDict()
@@ -110,9 +142,26 @@ class AggregateState:
         self.horizon = 0.0  # longest window or cap: older state can no longer change a value
         groups: dict[str, _Group] = {}
         for col in spec.columns:
-            if not isinstance(col, Rolling | SincePrevious):
+            if not isinstance(col, Rolling | SincePrevious | LabelRate):
                 continue
-            group = groups.setdefault(spec.key_of(col), (spec.key_of(col), [], []))
+            group = groups.setdefault(spec.key_of(col), (spec.key_of(col), [], [], []))
+            if isinstance(col, LabelRate):
+                spots: list[_Slots] = []
+                for _ in col.windows_seconds:
+                    spots.append(
+                        tuple(
+                            (LABEL_STATS.index(s), self._width + k) for k, s in enumerate(col.stats)
+                        )
+                    )
+                    self._width += len(col.stats)
+                hours = tuple(round(w / BUCKET_SECONDS) for w in col.windows_seconds)
+                delay = round(col.delay_seconds / BUCKET_SECONDS)
+                group[3].append((len(group[3]), delay, hours, spots))
+                # An hour-rounded window reaches back at most one hour more.
+                reach = col.delay_seconds + max(col.windows_seconds) + BUCKET_SECONDS
+                self.horizon = max(self.horizon, reach)
+                self.labels.require([spec.key_of(col)], reach)
+                continue
             if isinstance(col, SincePrevious):
                 group[1].append((self._width, col.cap_seconds))
                 self._width += 1
@@ -134,8 +183,19 @@ class AggregateState:
         return len(self._states)
 
     def clear(self) -> None:
-        """Forget every entity (the eviction counts are running totals and stay)."""
+        """Forget every entity (the eviction counts are running totals and stay). The label
+        store is kept: labels come from every partition, not from the events replayed."""
         self._states.clear()
+
+    def confirm(self, event: Any) -> int:
+        """The label "anomalous" of one event becomes known: count it for every key field of
+        the spec's LabelRate columns. Returns how many keys took it."""
+        t = self._seconds(getattr(event, self.spec.time_field))
+        return sum(
+            self.labels.add(key_field, getattr(event, key_field), t)
+            for key_field, _, _, rates in self._groups
+            if rates
+        )
 
     def update(self, events: Sequence[Any]) -> np.ndarray:
         """The stateful features of `events`, shape (n, k) in spec column order; each event
@@ -151,19 +211,19 @@ class AggregateState:
             t = read_time(getattr(event, time_field))
             if not isfinite(t):
                 continue  # NaN row; the state does not move
-            for key_field, since, rolls in self._groups:
+            for key_field, since, rolls, rates in self._groups:
                 key = (key_field, getattr(event, key_field))
                 entity = states.get(key)
                 tk = t
                 if entity is None:
-                    entity = self._insert(key, t, rolls)
+                    entity = self._insert(key, t, rolls, rates)
                     gap = inf
                 else:
                     states.move_to_end(key)
                     gap = t - entity.last
                     if gap < 0.0:
                         if gap < -horizon:  # its state is from the "future": start afresh
-                            entity.series = _fresh(rolls)
+                            entity.series, entity.counts = _fresh(rolls), _counted(rates)
                             gap = inf
                         else:  # late: taken as happening at the key's latest time
                             tk = entity.last
@@ -224,9 +284,60 @@ class AggregateState:
                         del times[:first], values[:first]
                         s.heads = [h - first for h in heads]
                         s.anchor = [p - first if p >= 0 else -1 for p in anchor]
+                for index, delay, hours, slots in rates:
+                    self._rate(key, entity.counts[index], tk, delay, hours, slots, out, base)
         return np.array(out, dtype=np.float64).reshape(len(events), k)
 
-    def _insert(self, key: Hashable, t: float, rolls: list[_Roll]) -> _Entity:
+    def _rate(
+        self,
+        key: tuple[str, Hashable],
+        c: _Counts,
+        t: float,
+        delay: int,
+        hours: tuple[int, ...],
+        slots: list[_Slots],
+        out: list[float],
+        base: int,
+    ) -> None:
+        """One LabelRate column of one event at (effective) time t, then the event joins."""
+        hour = math.floor(t / BUCKET_SECONDS)
+        e = hour - delay  # the windows end where the hour holding t - delay starts
+        stamps, events, heads, sums = c.hours, c.events, c.heads, c.sums
+        n, end = len(stamps), c.end
+        # Hours only enter the windows after their last event: an event's hour is >= e.
+        while end < n and stamps[end] < e:
+            x = events[end]
+            for i in range(len(hours)):
+                sums[i] += x
+            end += 1
+        c.end = end
+        spans = []
+        for i, width in enumerate(hours):
+            lo, h = e - width, heads[i]
+            while h < end and stamps[h] < lo:
+                sums[i] -= events[h]
+                h += 1
+            heads[i] = h
+            spans.append((lo, e))
+        confirmed = self.labels.confirmed(key[0], key[1], spans)
+        for i, count in enumerate(sums):
+            hit = confirmed[i]
+            rate = (hit / count if hit < count else 1.0) if count else 0.0
+            stat = (float(count), float(hit), rate)
+            for j, offset in slots[i]:
+                out[base + offset] = stat[j]
+        if n and stamps[-1] == hour:
+            events[-1] += 1
+        else:
+            stamps.append(hour)
+            events.append(1)
+        first = min(heads)
+        if first >= _COMPACT and 2 * first >= n:
+            del stamps[:first], events[:first]
+            c.heads = [h - first for h in heads]
+            c.end = end - first
+
+    def _insert(self, key: Hashable, t: float, rolls: list[_Roll], rates: list[_Rate]) -> _Entity:
         """A new key's state; first drop a few idle keys, then the LRU one if over capacity."""
         states = self._states
         cutoff = t - self.horizon
@@ -238,7 +349,7 @@ class AggregateState:
                 break
             del states[oldest]
             self.evictions["idle"] += 1
-        entity = states[key] = _Entity(t, _fresh(rolls))
+        entity = states[key] = _Entity(t, _fresh(rolls), _counted(rates))
         if len(states) > self.max_entities:
             states.popitem(last=False)
             self.evictions["capacity"] += 1
@@ -247,6 +358,10 @@ class AggregateState:
 
 def _fresh(rolls: list[_Roll]) -> list[_Series]:
     return [_Series(len(windows)) for _, _, windows, _ in rolls]
+
+
+def _counted(rates: list[_Rate]) -> list[_Counts]:
+    return [_Counts(len(hours)) for _, _, hours, _ in rates]
 
 
 def _recentre(values: array[float], head: int, end: int) -> tuple[int, float, float, float]:

@@ -64,7 +64,9 @@ def build_pipeline(
         model=ModelRef(bundle.version, bundle.kind),
         top_features=settings.alerts.top_features,
         max_message_bytes=settings.alerts.max_message_bytes,
-        state=EntityState.build(settings, bundle.spec, scorer.window_length),
+        state=EntityState.build(
+            settings, bundle.spec, scorer.window_length, control.labels if control else None
+        ),
         publish_alerts=settings.incidents.publish_alerts or not settings.incidents.enabled,
         control=control,
         drift=DriftMonitor(bundle.drift, settings.drift.window_events) if bundle.drift else None,
@@ -113,7 +115,7 @@ class Detector:
         self._next_metadata = 0.0
         c = settings.control
         self._side_topics = [t for t in (c.topic, c.feedback_topic) if t]
-        self._control = ControlState(c) if self._side_topics else None
+        self._control = ControlState(c, settings.spec.time_format) if self._side_topics else None
         self._follower: kafka_io.TopicFollower | None = None
         self._threshold_changes_applied = 0
         # Shadow scoring of the registry's candidate (streamer/shadow.py).

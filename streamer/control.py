@@ -13,6 +13,21 @@ Feedback (JSON on `control.feedback_topic`, keyed by the alert or incident id):
 
     {"type": "false_positive", "entity": "c-00097", "alert_id": "5d0c..."}
     {"type": "ack", "incident_id": "9b1f..."}
+    {"type": "label", "key_field": "terminal_id", "key": "T123",
+     "event_time": 1530403200, "anomaly": true}
+
+A `label` confirms that an event was anomalous (fraud, say), whenever that becomes known: the
+event of `key` (its `key_field` value, with the JSON type the events carry) at `event_time`
+(the spec's time format: epoch seconds or milliseconds, or an ISO 8601 string with a zone).
+It feeds the `label_rate` feature columns keyed by `key_field` (streamer/features.py): later
+events of that key see it once their window reaches back to its event time. `anomaly: false`
+is accepted and changes nothing (every event already counts in the rate's denominator); a
+label whose `key_field` no label_rate column uses, or that is older than the columns' reach,
+is "unmatched". Labels are kept apart from the per-partition state (streamer/labels.py), so
+they outlive partition moves and model reloads; every replica reads them all. Send each
+label once: a repeated one counts twice (the rate is capped at 1). The denominator is the
+events this replica scored, so the rate is exact when one replica sees all of a key's events
+(a single replica, or input keyed by the label_rate key).
 
 A false positive raises that entity's threshold: whatever threshold judges the entity
 (global, its own, or a fixed override) is multiplied by `false_positive_factor` per false
@@ -39,12 +54,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from typing import Literal
+from datetime import datetime
+from typing import Annotated
 
 import msgspec
 import numpy as np
 
 from streamer.config import ControlSettings
+from streamer.features import TimeFormat
+from streamer.labels import LabelStore
 
 RECENT_IDS = 100_000  # alert and incident ids remembered for feedback without an entity
 
@@ -90,12 +108,36 @@ class Unmute(_Message, tag="unmute", frozen=True):
 Control = SetThreshold | SetEntityThreshold | ClearEntityThreshold | Mute | Unmute
 
 
-class Feedback(msgspec.Struct, frozen=True):
-    type: Literal["ack", "false_positive"]
+class _Feedback(msgspec.Struct, frozen=True, tag_field="type"):
+    pass
+
+
+class _AboutAlert(_Feedback, frozen=True):
     entity: str | int | None = None
     alert_id: str | None = None
     incident_id: str | None = None
     note: str | None = None
+
+
+class FalsePositive(_AboutAlert, tag="false_positive", frozen=True):
+    pass
+
+
+class Ack(_AboutAlert, tag="ack", frozen=True):
+    pass
+
+
+class Label(_Feedback, tag="label", frozen=True, forbid_unknown_fields=True):
+    """One event's confirmed label, for the label_rate features."""
+
+    key_field: str
+    key: str | int
+    event_time: Annotated[datetime, msgspec.Meta(tz=True)] | int | float
+    anomaly: bool
+    note: str | None = None
+
+
+Feedback = FalsePositive | Ack | Label
 
 
 class ControlError(ValueError):
@@ -103,8 +145,11 @@ class ControlError(ValueError):
 
 
 class ControlState:
-    def __init__(self, settings: ControlSettings) -> None:
+    def __init__(self, settings: ControlSettings, time_format: TimeFormat = "epoch_s") -> None:
         self.settings = settings
+        self.time_format = time_format  # how a label's numeric event_time reads
+        # Confirmed labels for the label_rate features: the pipelines' states share it.
+        self.labels = LabelStore()
         self.overrides: dict[Hashable, float] = {}  # entity -> fixed threshold
         self.muted: set[Hashable] = set()
         self.factors: dict[Hashable, float] = {}  # entity -> false-positive multiplier
@@ -152,17 +197,34 @@ class ControlState:
             message = self._feedback.decode(value or b"")
         except (msgspec.DecodeError, ValueError) as exc:
             raise ControlError(f"feedback message refused: {exc}") from exc
+        if isinstance(message, Label):
+            return "label", self._label(message)
+        kind = "false_positive" if isinstance(message, FalsePositive) else "ack"
         entity: Hashable | None = message.entity
         if entity is None:
             ids = [message.alert_id, message.incident_id, key.decode() if key else None]
             entity = next((self._recent[i] for i in ids if i and i in self._recent), None)
         if entity is None:
-            return message.type, "unmatched"
-        if message.type == "false_positive":
+            return kind, "unmatched"
+        if kind == "false_positive":
             s = self.settings
             factor = self.factors.get(entity, 1.0) * s.false_positive_factor
             self.factors[entity] = min(s.max_factor, factor)
-        return message.type, "applied"
+        return kind, "applied"
+
+    def _label(self, message: Label) -> str:
+        t = message.event_time
+        if isinstance(t, datetime):
+            seconds = t.timestamp()
+        else:
+            seconds = t / 1000.0 if self.time_format == "epoch_ms" else float(t)
+        if message.key_field not in self.labels.key_fields:
+            return "unmatched"
+        if not message.anomaly:
+            return "applied"  # nothing to count: the event is in the denominator already
+        return (
+            "applied" if self.labels.add(message.key_field, message.key, seconds) else "unmatched"
+        )
 
     def remember(self, ids: Sequence[str], entities: Sequence[Hashable]) -> None:
         """Alert and incident ids just published, so feedback without an entity finds it."""

@@ -32,6 +32,9 @@ if TYPE_CHECKING:  # aggregates imports this module; the state is only named in 
 TimeFormat = Literal["iso8601", "epoch_ms", "epoch_s"]
 Stat = Literal["count", "mean", "std", "ratio"]
 STATS: tuple[Stat, ...] = ("count", "mean", "std", "ratio")
+LabelStat = Literal["count", "confirmed", "rate"]
+LABEL_STATS: tuple[LabelStat, ...] = ("count", "confirmed", "rate")
+_HOUR = 3600.0  # streamer.labels.BUCKET_SECONDS (not imported: labels must not need this module)
 
 
 class _Column(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind"):
@@ -120,7 +123,45 @@ class SincePrevious(_Column, tag="since_previous", frozen=True):
             raise ValueError(f"since_previous column of {self.key!r}: cap_seconds must be > 0")
 
 
-Column = Numeric | Log1p | Ratio | OneHot | HourOfDay | Rolling | SincePrevious
+class LabelRate(_Column, tag="label_rate", frozen=True):
+    """The share of a key's earlier events later confirmed anomalous (stateful, and fed by
+    labels: `streamer.labels`), as in the Fraud Detection Handbook's terminal risk features.
+
+    Events and labels are counted per hour of event time. For an event of key value k at
+    event time t, let e be the hour that holds t - delay; window w covers the w / 1h whole
+    hours before e, i.e. event times in [(e - w/1h) h, e h), about [t - delay - w, t - delay):
+    - count: k's events in it that this state has processed;
+    - confirmed: positive labels received so far for k's events in it;
+    - rate: confirmed / count, at most 1 (a label sent twice counts twice), 0 with no events.
+    The delay is why the feature can be trusted: in production confirmations come late,
+    and a window that ends `delay` ago holds only events whose labels are in (when they
+    arrive within `delay`). Windows and delay are whole hours. `key` None: `entity_field`.
+    """
+
+    windows_seconds: list[float]
+    delay_seconds: float = 604800.0
+    stats: list[LabelStat] = msgspec.field(default_factory=lambda: ["count", "rate"])
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        what = f"label_rate column of {self.key!r}"
+        if not self.windows_seconds:
+            raise ValueError(f"{what} needs at least one window")
+        hours = [*self.windows_seconds, self.delay_seconds]
+        if not all(0.0 <= w < math.inf and w % _HOUR == 0.0 for w in hours):
+            raise ValueError(f"{what}: windows and delay_seconds must be whole hours (3600 s)")
+        if min(self.windows_seconds) <= 0.0:
+            raise ValueError(f"{what}: windows must be > 0 seconds")
+        if len(set(self.windows_seconds)) != len(self.windows_seconds):
+            raise ValueError(f"{what} has duplicate windows")
+        if not self.stats or not set(self.stats) <= set(LABEL_STATS):
+            raise ValueError(f"{what}: stats must be values of {list(LABEL_STATS)}")
+        if len(set(self.stats)) != len(self.stats):
+            raise ValueError(f"{what}: stats must be distinct")
+
+
+Stateful = Rolling | SincePrevious | LabelRate
+Column = Numeric | Log1p | Ratio | OneHot | HourOfDay | Rolling | SincePrevious | LabelRate
 
 
 class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -143,9 +184,14 @@ class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def stateful(self) -> bool:
         """Whether some column depends on earlier events (build_features then needs a state)."""
-        return any(isinstance(col, Rolling | SincePrevious) for col in self.columns)
+        return any(isinstance(col, Stateful) for col in self.columns)
 
-    def key_of(self, col: Rolling | SincePrevious) -> str:
+    @property
+    def labeled(self) -> bool:
+        """Whether some column is fed by labels (training then needs each event's label)."""
+        return any(isinstance(col, LabelRate) for col in self.columns)
+
+    def key_of(self, col: Rolling | SincePrevious | LabelRate) -> str:
         """The entity field a stateful column is keyed by."""
         return col.key or self.entity_field
 
@@ -161,6 +207,13 @@ class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 )
             elif isinstance(col, SincePrevious):
                 names.append(f"{self.key_of(col)}.since_previous")
+            elif isinstance(col, LabelRate):
+                key, delay = self.key_of(col), _duration(col.delay_seconds)
+                names.extend(
+                    f"{key}.label_{stat}({_duration(w)},-{delay})"
+                    for w in col.windows_seconds
+                    for stat in col.stats
+                )
             elif isinstance(col, Numeric):
                 names.append(col.field)
             elif isinstance(col, Log1p):
@@ -219,7 +272,7 @@ class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         else:
             fields[self.time_field] = int | float
         for col in self.columns:
-            if isinstance(col, Rolling | SincePrevious):
+            if isinstance(col, Stateful):
                 fields.setdefault(self.key_of(col), key_type)
             if isinstance(col, Numeric | Log1p | Rolling):
                 fields.setdefault(col.field, float)
@@ -238,7 +291,7 @@ def _width(col: Column) -> int:
         return len(col.vocabulary) + 1
     if isinstance(col, HourOfDay):
         return 2
-    if isinstance(col, Rolling):
+    if isinstance(col, Rolling | LabelRate):
         return len(col.windows_seconds) * len(col.stats)
     return 1
 
@@ -268,13 +321,14 @@ def build_features(
 ) -> np.ndarray:
     """Events (decoded with `spec.event_type()`) -> float64 matrix, one row per event.
 
-    A stateful spec (Rolling / SincePrevious columns) needs `state`, which these events then
-    update in order: training and the daemon feed it the same stream, so they agree.
+    A stateful spec (Rolling / SincePrevious / LabelRate columns) needs `state`, which these
+    events then update in order: training and the daemon feed it the same stream, so they agree.
     """
     if spec.stateful:
         if state is None:
             raise ValueError(
-                f"feature spec {spec.profile!r} has stateful columns (rolling / since_previous):"
+                f"feature spec {spec.profile!r} has stateful columns (rolling / since_previous /"
+                " label_rate):"
                 " build_features needs an AggregateState"
             )
         if state.spec is not spec and state.spec != spec:
@@ -303,7 +357,7 @@ def _fill(
 
     j = 0
     for col in spec.columns:
-        if isinstance(col, Rolling | SincePrevious):
+        if isinstance(col, Stateful):
             assert aggregates is not None
             width = _width(col)
             out[:, j : j + width] = aggregates[:, a : a + width]

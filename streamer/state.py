@@ -20,6 +20,7 @@ from streamer.aggregates import AggregateState
 from streamer.config import Settings
 from streamer.features import FeatureSpec
 from streamer.incidents import IncidentTracker
+from streamer.labels import LabelStore
 from streamer.threshold import EntityThresholds
 from streamer.windows import WindowBuilder
 
@@ -32,7 +33,14 @@ class EntityState:
     incidents: IncidentTracker | None = None
 
     @classmethod
-    def build(cls, settings: Settings, spec: FeatureSpec, window_length: int | None) -> EntityState:
+    def build(
+        cls,
+        settings: Settings,
+        spec: FeatureSpec,
+        window_length: int | None,
+        labels: LabelStore | None = None,
+    ) -> EntityState:
+        """`labels`: the store label feedback goes to (the app's, which outlives pipelines)."""
         cap = settings.state.max_entities
         t = settings.threshold
         thresholds = None
@@ -42,7 +50,7 @@ class EntityState:
             )
             thresholds.learn = t.learn
         return cls(
-            aggregates=AggregateState(spec, max_entities=cap) if spec.stateful else None,
+            aggregates=AggregateState(spec, cap, labels) if spec.stateful else None,
             windows=(
                 WindowBuilder(window_length, len(spec.feature_names()), max_entities=cap)
                 if window_length

@@ -12,7 +12,8 @@ import msgspec
 import numpy as np
 
 from streamer.aggregates import AggregateState
-from streamer.features import FeatureSpec, build_features, event_seconds
+from streamer.features import FeatureSpec, LabelRate, build_features, event_seconds
+from streamer.labels import deliveries
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,55 @@ def read_jsonl(spec: FeatureSpec, path: Path) -> History:
     return History(history.features, history.event_seconds, rejected, history.keys)
 
 
-def from_events(spec: FeatureSpec, events: Sequence[Any]) -> History:
+def from_events(
+    spec: FeatureSpec,
+    events: Sequence[Any],
+    labels: np.ndarray | None = None,
+    label_delay_seconds: float | None = None,
+) -> History:
     """Decoded events, in stream order, -> features as the daemon builds them.
 
     Per-entity aggregates run over the events in the order given (the daemon's order is the
-    partition's), with no entity cap: training sees every entity's full history.
+    partition's), with no entity cap: training sees every entity's full history. A spec with
+    label_rate columns needs `labels` (0/1 per event): each positive one reaches the state
+    `label_delay_seconds` (default: `label_delay(spec)`) after its event's time, as the
+    evaluator delivers them and as investigators' confirmations reach the daemon.
     """
     state = AggregateState(spec, max_entities=max(1, len(events))) if spec.stateful else None
-    x = build_features(spec, events, state)
     seconds = np.array([event_seconds(spec, getattr(e, spec.time_field)) for e in events])
+    if spec.labeled:
+        assert state is not None
+        if labels is None:
+            by = sorted({spec.key_of(c) for c in spec.columns if isinstance(c, LabelRate)})
+            raise ValueError(
+                f"feature spec {spec.profile!r} has label_rate columns (keyed by "
+                f"{', '.join(by)}): training needs each event's 0/1 label "
+                "(an eval config's data.label_column)"
+            )
+        if len(labels) != len(events):
+            raise ValueError(f"{len(labels)} labels for {len(events)} events")
+        delay = label_delay(spec) if label_delay_seconds is None else label_delay_seconds
+        parts, start = [], 0
+        for i, rows in deliveries(seconds, np.asarray(labels), delay):
+            parts.append(build_features(spec, events[start:i], state))
+            start = i
+            for j in rows.tolist():
+                state.confirm(events[j])
+        parts.append(build_features(spec, events[start:], state))
+        x = np.vstack(parts)
+    else:
+        x = build_features(spec, events, state)
     keys = [getattr(e, spec.entity_field) for e in events]
     finite = np.isfinite(x).all(axis=1)
     kept = [k for k, ok in zip(keys, finite.tolist(), strict=True) if ok]
     return History(x[finite], seconds[finite], int((~finite).sum()), kept)
+
+
+def label_delay(spec: FeatureSpec) -> float:
+    """How long after its event a label becomes known, unless said otherwise: the shortest
+    delay of the spec's label_rate columns (every column's windows then hold only events
+    whose labels are in)."""
+    delays = [c.delay_seconds for c in spec.columns if isinstance(c, LabelRate)]
+    if not delays:
+        raise ValueError(f"feature spec {spec.profile!r} has no label_rate column")
+    return min(delays)

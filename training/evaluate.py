@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,12 +41,13 @@ from streamer.config import (
     read_toml,
 )
 from streamer.features import FeatureSpec
+from streamer.labels import deliveries
 from streamer.records import Alert, RawMessage
 from streamer.smoothing import SmoothedThreshold, SmoothingSettings
 from training import nab
 from training.adapters import DataSettings, Series, load
 from training.baselines import BaselineSettings, b1, b2
-from training.datasets import History, from_events
+from training.datasets import History, from_events, label_delay
 from training.quality import (
     EventCounts,
     PointCounts,
@@ -72,10 +74,15 @@ class DetectorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class ReplaySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     batch_size: int = 100  # events per Pipeline.process call; the threshold updates per batch
+    # With label_rate features: a row's label reaches the pipeline's state this long after
+    # the row's event time (training and replay alike); None: the shortest column delay.
+    label_delay_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError("replay.batch_size must be >= 1")
+        if self.label_delay_seconds is not None and not self.label_delay_seconds >= 0.0:
+            raise ValueError("replay.label_delay_seconds must be >= 0")
 
 
 class MetricSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -154,25 +161,52 @@ def event_fields(spec: FeatureSpec) -> list[str]:
     return list(spec.event_type().__struct_fields__)
 
 
-def features(spec: FeatureSpec, series: Series, start: int, stop: int) -> History:
-    """Rows [start, stop) through the daemon's decoder and feature code (bad rows skipped)."""
+def features(
+    spec: FeatureSpec,
+    series: Series,
+    start: int,
+    stop: int,
+    label_delay_seconds: float | None = None,
+) -> History:
+    """Rows [start, stop) through the daemon's decoder and feature code (bad rows skipped);
+    label_rate columns get the rows' labels `label_delay_seconds` after their event times."""
     fields = event_fields(spec)
     decoder = msgspec.json.Decoder(spec.event_type())
     encode = msgspec.json.Encoder().encode
-    events, rejected = [], 0
+    events, rows, rejected = [], [], 0
     for i, row in enumerate(series.event_rows(fields, start, stop), start):
         try:
             events.append(decoder.decode(encode(row)))
+            rows.append(i)
         except msgspec.DecodeError as exc:
             if not rejected:
                 log.warning("%s row %d does not decode: %s", series.name, i, exc)
             rejected += 1
-    history = from_events(spec, events)
+    labels = series.labels[rows] if spec.labeled else None
+    history = from_events(spec, events, labels, label_delay_seconds)
     return replace(history, rejected=rejected + history.rejected)
 
 
-def replay(pipeline: Any, series: Series, fields: list[str], batch_size: int, top: int) -> Run:
-    """Feed the test rows to a Pipeline as JSON messages, batch by batch, as the daemon does."""
+def _spans(lo: int, hi: int, size: int, cuts: Any) -> list[tuple[int, int]]:
+    """[lo, hi) in batches of `size`, also cut before each row in `cuts`."""
+    points = sorted({*range(lo, hi, size), *(c for c in cuts if lo < c < hi), hi})
+    return list(pairwise(points))
+
+
+def replay(
+    pipeline: Any,
+    series: Series,
+    fields: list[str],
+    batch_size: int,
+    top: int,
+    label_delay_seconds: float | None = None,
+) -> Run:
+    """Feed the test rows to a Pipeline as JSON messages, batch by batch, as the daemon does.
+
+    With label_rate features, each anomalous row's label reaches the pipeline's state
+    `label_delay_seconds` after its event time (`streamer.labels.deliveries`), never
+    earlier: a batch is cut where labels become due, and they are delivered between the
+    parts, as the daemon applies feedback between batches."""
     n0, m = series.n_train, series.n - series.n_train
     run = Run(np.full(m, np.nan), np.zeros(m, dtype=bool), np.full(m, np.nan))
     smoothed = isinstance(pipeline.threshold, SmoothedThreshold)
@@ -188,15 +222,29 @@ def replay(pipeline: Any, series: Series, fields: list[str], batch_size: int, to
             for k, row in enumerate(series.event_rows(fields, a, b))
         ]
 
+    due: dict[int, np.ndarray] = {}
+    spec = pipeline.spec
+    if spec.labeled:
+        delay = label_delay(spec) if label_delay_seconds is None else label_delay_seconds
+        due = dict(deliveries(series.seconds, series.labels, delay))
+        decode = msgspec.json.Decoder(spec.event_type()).decode
+        aggregates = pipeline.state.aggregates
+
+    def deliver(a: int) -> None:
+        for j in due.get(a, ()):
+            row = next(series.event_rows(fields, int(j), int(j) + 1))
+            aggregates.confirm(decode(encode(row)))
+
     if pipeline.state.needs_history:
         # A daemon that ran through the training period holds its per-entity state (aggregates,
         # windows, entity thresholds): rebuild it from the training rows as the daemon's restore
         # does (replay=True: no alerts, global threshold untouched), so the test part does not
-        # start from empty state.
-        for a in range(0, n0, batch_size):
-            pipeline.process(batch(a, min(n0, a + batch_size)), replay=True)
-    for a in range(n0, series.n, batch_size):
-        b = min(series.n, a + batch_size)
+        # start from empty state. Training rows' labels arrive as they would have.
+        for a, b in _spans(0, n0, batch_size, due):
+            deliver(a)
+            pipeline.process(batch(a, b), replay=True)
+    for a, b in _spans(n0, series.n, batch_size, due):
+        deliver(a)
         messages = batch(a, b)
         result = pipeline.process(messages)
         run.dead_letters += len(result.dead_letters)
@@ -269,7 +317,8 @@ def evaluate(config: EvalConfig, out_dir: Path) -> tuple[dict[str, Any], dict[st
 
     # Features of every row once: training histories for our model and both baselines' input.
     t = time.monotonic()
-    feats = [features(spec, s, 0, s.n) for s in series_list]
+    delay = config.replay.label_delay_seconds
+    feats = [features(spec, s, 0, s.n, delay) for s in series_list]
     for s, h in zip(series_list, feats, strict=True):
         if h.rejected:
             raise ValueError(f"{s.name}: {h.rejected} row(s) do not decode with the feature spec")
@@ -309,7 +358,14 @@ def evaluate(config: EvalConfig, out_dir: Path) -> tuple[dict[str, Any], dict[st
             settings = _settings(config, det, b.path)
             pipeline = build_detector_pipeline(settings, b, scorer, det.smoothing)
             runs[det.name].append(
-                replay(pipeline, s, fields, config.replay.batch_size, config.report.top_alerts)
+                replay(
+                    pipeline,
+                    s,
+                    fields,
+                    config.replay.batch_size,
+                    config.report.top_alerts,
+                    delay,
+                )
             )
         log.info("replayed %s over %d series", det.name, len(series_list))
     timings["replay_seconds"] = time.monotonic() - t

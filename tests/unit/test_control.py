@@ -79,3 +79,40 @@ def test_set_threshold_reconfigures_the_rolling_threshold() -> None:
     assert t.window_size == 50 and t.count == 50 and t.value == pytest.approx(74.5)
     t.reconfigure(window_size=200)  # growing keeps everything held
     assert t.count == 50 and t.value == pytest.approx(74.5)
+
+
+def test_label_feedback_reaches_the_label_rate_features() -> None:
+    import msgspec
+
+    from streamer.aggregates import AggregateState
+    from streamer.features import FeatureSpec, LabelRate
+
+    spec = FeatureSpec(
+        profile="p", entity_field="card", time_field="ts", time_format="epoch_ms",
+        columns=[LabelRate(key="shop", windows_seconds=[3600.0], delay_seconds=0.0,
+                           stats=["confirmed", "rate"])],
+    )  # fmt: skip
+    c = ControlState(ControlSettings(), spec.time_format)
+    state = AggregateState(spec, labels=c.labels)  # what build_pipeline does
+    Event = spec.event_type()
+    state.update([Event(card=1, shop="s", ts=60_000), Event(card=2, shop="s", ts=120_000)])
+
+    def label(**fields: object) -> tuple[str, str]:
+        doc = {"type": "label", "key_field": "shop", "key": "s", "anomaly": True} | fields
+        return c.apply_feedback(msgspec.json.encode(doc), key=None)
+
+    assert label(event_time=60_000) == ("label", "applied")  # milliseconds, as the spec
+    assert label(event_time="1970-01-01T00:02:00Z", anomaly=False) == ("label", "applied")
+    assert label(event_time=60_000, key_field="card") == ("label", "unmatched")
+    with pytest.raises(ControlError, match="event_time"):
+        label(event_time="1970-01-01T00:02:00")  # no zone
+    with pytest.raises(ControlError, match="anomaly"):
+        c.apply_feedback(b'{"type": "label", "key_field": "shop", "key": "s", "event_time": 1}',
+                         key=None)  # fmt: skip
+    x = state.update([Event(card=3, shop="s", ts=3_600_000), Event(card=3, shop="t", ts=3_600_000)])
+    assert x.tolist() == [[1.0, 0.5], [0.0, 0.0]]
+    state.clear()  # a partition move: the labels stay with the ControlState
+    state.update([Event(card=1, shop="s", ts=60_000)])
+    assert state.update([Event(card=3, shop="s", ts=3_600_000)]).tolist() == [[1.0, 1.0]]
+    # The alert feedback still works as before.
+    assert c.apply_feedback(b'{"type": "ack", "entity": "e"}', key=None) == ("ack", "applied")

@@ -310,3 +310,66 @@ def test_evaluate_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert result["top_alerts"] and result["top_alerts"][0]["top_features"]
     html = (out / "report.html").read_text()
     assert html.count("<img") >= 3 and "synthetic" in html
+
+
+def test_replay_delivers_labels_at_their_time_and_matches_training_features() -> None:
+    from streamer.aggregates import AggregateState
+    from streamer.features import FeatureSpec, LabelRate, Log1p, build_features
+    from streamer.pipeline import BatchResult
+    from streamer.state import EntityState
+    from streamer.threshold import RollingQuantileThreshold
+    from training.adapters import Series
+    from training.evaluate import event_fields, features, replay
+
+    hour = 3600.0
+    spec = FeatureSpec(
+        profile="t", entity_field="card", time_field="ts", time_format="epoch_s",
+        columns=[Log1p(field="amount"), LabelRate(key="shop", windows_seconds=[hour, 5 * hour],
+                                                  delay_seconds=2 * hour)],
+    )  # fmt: skip
+    rng = np.random.default_rng(4)
+    n, n_train, delay = 600, 400, 3 * hour  # labels come later than the columns need
+    seconds = np.cumsum(rng.choice([0.0, 60.0, 300.0, 900.0], n)) + 1e6
+    series = Series(
+        name="s", group="g",
+        columns={"card": rng.integers(0, 9, n), "shop": rng.integers(0, 4, n),
+                 "amount": rng.uniform(1, 50, n)},
+        seconds=seconds, labels=(rng.random(n) < 0.3).astype(np.int8), n_train=n_train,
+    )  # fmt: skip
+
+    class Recorder:
+        """Stands in for the Pipeline: builds features with its state and checks the labels
+        delivered so far are those due (event time + delay not after the batch's first)."""
+
+        def __init__(self) -> None:
+            self.spec = spec
+            self.state = EntityState(aggregates=AggregateState(spec))
+            self.threshold = RollingQuantileThreshold(100, 0.99, 10)
+            self.rows: list[np.ndarray] = []
+            self.decode = msgspec.json.Decoder(spec.event_type()).decode
+            self.delivered: list[float] = []
+            confirm = self.state.aggregates.confirm
+            self.state.aggregates.confirm = lambda e: (self.delivered.append(e.ts), confirm(e))
+
+        def process(self, messages: list, replay: bool = False) -> BatchResult:
+            events = [self.decode(m.value) for m in messages]
+            first = events[0].ts
+            due = np.sort(series.seconds[(series.seconds + delay <= first) & (series.labels > 0)])
+            np.testing.assert_array_equal(np.sort(self.delivered), due)  # all due, none early
+            x = build_features(spec, events, self.state.aggregates)
+            self.rows.append(x)
+            return BatchResult(len(messages), [], [], x[:, 0], 0.0, scored=list(messages))
+
+    fake = Recorder()
+    run = replay(fake, series, event_fields(spec), 50, 3, delay)
+    got = np.vstack(fake.rows)
+    want = features(spec, series, 0, n, delay).features
+    np.testing.assert_array_equal(got, want)
+    assert np.isfinite(run.scores).all() and want[:, 3].max() > 0  # some 5h rates seen
+    # Labels that arrived earlier (immediately) would change the features: the test can fail.
+    early = features(spec, series, 0, n, 0.0).features
+    assert not np.array_equal(early, want)
+    with pytest.raises(ValueError, match="label_rate columns \\(keyed by shop\\)"):
+        from training.datasets import from_events
+
+        from_events(spec, [])

@@ -1,0 +1,145 @@
+"""Label feedback on the real broker: a `label` message changes the label_rate feature, and the
+decisions, for that terminal's later events only."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+
+from streamer.config import TrainingSettings
+from streamer.features import FeatureSpec, LabelRate, Log1p
+from tests.conftest import free_port
+from tests.integration.conftest import Daemon, Topics, produce, read_topic
+from training.datasets import from_events
+from training.fit import fit_bundle
+
+pytestmark = pytest.mark.integration
+
+HOUR, DAY = 3600.0, 86400.0
+SPEC = FeatureSpec(
+    profile="cards", entity_field="customer_id", time_field="ts", time_format="epoch_s",
+    columns=[Log1p(field="amount"),
+             LabelRate(key="terminal_id", windows_seconds=[DAY], delay_seconds=HOUR,
+                       stats=["rate"])],
+)  # fmt: skip
+RATE = "terminal_id.label_rate(1d,-1h)"
+T0 = 1_700_000_000.0 - 1_700_000_000.0 % DAY  # a day boundary, after the training history
+
+
+def train(root: Path) -> Path:
+    """A small bundle: 20 terminals over 10 days, 2% of transactions fraud at random, so a
+    terminal's confirmed share stays small; a share of 1 is something it never saw."""
+    rng = np.random.default_rng(5)
+    n = 6000
+    Event = SPEC.event_type()
+    times = np.sort(rng.uniform(T0 - 10 * DAY, T0 - DAY, n))
+    events = [
+        Event(customer_id=f"c{rng.integers(300)}", terminal_id=f"T{rng.integers(20)}",
+              ts=float(t), amount=float(rng.uniform(5, 60)))
+        for t in times
+    ]  # fmt: skip
+    labels = (rng.random(n) < 0.02).astype(np.int8)
+    history = from_events(SPEC, events, labels, HOUR)
+    settings = TrainingSettings(hidden_units=[8], bottleneck=1, epochs=15, patience=3, seed=3)
+    fit_bundle(SPEC, history, settings, root / "registry", source="cards")
+    return root / "registry"
+
+
+def config(path: Path, bootstrap: str, topics: Topics, registry: Path, feedback: str) -> int:
+    port = free_port()
+    features = "\n".join(f"{k} = {json.dumps(v)}" for k, v in msgspec.to_builtins(SPEC).items()
+                         if k != "columns" and v is not None)  # fmt: skip
+    columns = ", ".join(
+        "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in c.items()) + " }"
+        for c in msgspec.to_builtins(SPEC.columns)
+    )
+    features += f"\ncolumns = [{columns}]"
+    path.write_text(
+        f"""
+[kafka]
+bootstrap_servers = "{bootstrap}"
+input_topic = "{topics.input}"
+alert_topic = "{topics.alerts}"
+dead_letter_topic = "{topics.dead_letters}"
+group_id = "{topics.group}"
+[model]
+bundle = "{registry}"
+runtime = "numpy"
+[batch]
+max_batch_size = 100
+max_wait_seconds = 0.1
+[threshold]
+quantile = 0.99
+learn = false
+[control]
+feedback_topic = "{feedback}"
+poll_seconds = 0.2
+[metrics]
+port = {port}
+[features]
+{features}
+"""
+    )
+    return port
+
+
+def transactions(terminal: str, start: float, count: int) -> list[dict[str, object]]:
+    return [
+        {"customer_id": f"c-{terminal}-{k}", "terminal_id": terminal, "ts": start + 60.0 * k,
+         "amount": 20.0 + k % 7}
+        for k in range(count)
+    ]  # fmt: skip
+
+
+def test_label_message_raises_the_rate_for_that_terminal_only(
+    kafka_bootstrap: str,
+    topics: Topics,
+    unique: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    registry = train(tmp_path)
+    feedback = unique("feedback")
+    port = config(tmp_path / "d.toml", kafka_bootstrap, topics, registry, feedback)
+    daemon = Daemon(tmp_path / "d.toml", port, tmp_path / "d.log")
+    try:
+        daemon.wait_ready()
+        first = transactions("T-bad", T0, 20) + transactions("T-good", T0, 20)
+        encode = msgspec.json.encode
+        produce(kafka_bootstrap, topics.input, [encode(e) for e in first])
+        daemon.wait_metric("anomaly_events_consumed_total", len(first))
+
+        # Investigators confirm every T-bad transaction of that hour as fraud.
+        labels = [
+            {"type": "label", "key_field": "terminal_id", "key": "T-bad",
+             "event_time": e["ts"], "anomaly": True}
+            for e in first if e["terminal_id"] == "T-bad"
+        ]  # fmt: skip
+        produce(kafka_bootstrap, feedback, [encode(m) for m in labels])
+        daemon.wait_metric(
+            "anomaly_feedback_total", 20, timeout=60, type="label", outcome="applied"
+        )
+
+        later = transactions("T-bad", T0 + 2 * HOUR, 10) + transactions("T-good", T0 + 2 * HOUR, 10)
+        produce(kafka_bootstrap, topics.input, [encode(e) for e in later])
+        daemon.wait_metric("anomaly_events_consumed_total", len(first) + len(later))
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+
+    alerts = [json.loads(r.value) for r in read_topic(kafka_bootstrap, topics.alerts)]
+    alerts = [a for a in alerts if a["type"] == "alert"]
+    by_terminal: dict[tuple[str, bool], list[dict]] = {}
+    for a in alerts:
+        terminal, _ = a["entity"].split("-", 1)[1].rsplit("-", 1)
+        late = a["event_time"] >= "2023-11-14T02"  # T0 + 2h and later
+        by_terminal.setdefault((terminal, late), []).append(a)
+    assert len(by_terminal.get(("T-bad", True), [])) == 10, alerts  # every later T-bad event
+    for a in by_terminal[("T-bad", True)]:
+        rate = next(f for f in a["top_features"] if f["feature"] == RATE)
+        assert rate["actual"] == 1.0
+    assert not by_terminal.get(("T-bad", False)) and not by_terminal.get(("T-good", True))

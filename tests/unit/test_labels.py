@@ -1,0 +1,189 @@
+import math
+from itertools import pairwise
+
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamer.aggregates import AggregateState
+from streamer.features import FeatureSpec, LabelRate, Rolling
+from streamer.labels import LabelStore, deliveries
+
+H = 3600.0
+SPEC = FeatureSpec(
+    profile="t",
+    entity_field="user",
+    time_field="ts",
+    time_format="epoch_s",
+    columns=[
+        LabelRate(key="shop", windows_seconds=[H, 3 * H], delay_seconds=2 * H,
+                  stats=["count", "confirmed", "rate"]),
+        Rolling(field="amount", windows_seconds=[H], stats=["count"], key="shop"),
+        LabelRate(windows_seconds=[H], delay_seconds=0.0, stats=["rate"]),
+    ],
+)  # fmt: skip
+Event = SPEC.event_type()
+
+
+def brute_force(events: list, delivered_before: list[list[int]]) -> np.ndarray:
+    """SPEC's label features from the definition: for event i, the events before it and the
+    labels delivered before it (`delivered_before[i]`: rows), counted by hour of event time."""
+
+    def hour(t: float) -> int:
+        return math.floor(t / H)
+
+    def label_rate(i: int, key: str, delay_h: int, width_h: int, stats: list[str]) -> list[float]:
+        e = hour(events[i].ts) - delay_h
+        mine = [
+            j
+            for j in range(i)
+            if getattr(events[j], key) == getattr(events[i], key)
+            and e - width_h <= hour(events[j].ts) < e
+        ]
+        count = len(mine)
+        hit = sum(1 for j in delivered_before[i] if j in mine)
+        got = {
+            "count": float(count),
+            "confirmed": float(hit),
+            "rate": min(1.0, hit / count) if count else 0.0,
+        }
+        return [got[s] for s in stats]
+
+    rows = []
+    for i, ev in enumerate(events):
+        row: list[float] = []
+        row += label_rate(i, "shop", 2, 1, ["count", "confirmed", "rate"])
+        row += label_rate(i, "shop", 2, 3, ["count", "confirmed", "rate"])
+        row.append(float(sum(1 for p in events[:i] if p.shop == ev.shop and ev.ts - H < p.ts)))
+        row += label_rate(i, "user", 0, 1, ["rate"])
+        rows.append(row)
+    return np.array(rows).reshape(len(events), len(SPEC.feature_names()))
+
+
+def run(state: AggregateState, events: list, labels: list[tuple[int, np.ndarray]], sizes: list):
+    """Events in chunks of `sizes`, cut further where labels are delivered."""
+    cuts = {0, len(events)} | {i for i, _ in labels}
+    start = 0
+    for size in sizes:
+        start += size
+        cuts.add(min(start, len(events)))
+    due = dict(labels)
+    parts = []
+    points = sorted(cuts)
+    for a, b in pairwise(points):
+        for j in due.get(a, []):
+            state.confirm(events[j])
+        parts.append(state.update(events[a:b]))
+    return np.vstack(parts) if parts else np.empty((0, len(SPEC.feature_names())))
+
+
+steps = st.sampled_from([0.0, 1.0, 600.0, 1800.0, 3599.0, 3600.0, 7200.0, 20000.0, 30000.0])
+stream = st.lists(
+    st.tuples(st.sampled_from("abc"), st.sampled_from("xyz"), steps, st.booleans()),
+    min_size=1,
+    max_size=80,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(stream, st.sampled_from([0.0, 1800.0, 2 * H, 10000.0]), st.lists(st.integers(0, 9)))
+def test_stream_equals_brute_force(rows: list, delay: float, sizes: list[int]) -> None:
+    t, events, positive = 1000.0, [], []
+    for user, shop, step, anomalous in rows:
+        t += step
+        events.append(Event(user=user, shop=shop, ts=t, amount=1.0))
+        positive.append(anomalous)
+    seconds = np.array([e.ts for e in events])
+    labels = deliveries(seconds, np.array(positive), delay)
+    before: list[list[int]] = [[] for _ in events]
+    for i, js in labels:
+        for k in range(i, len(events)):
+            before[k] += js.tolist()
+    want = brute_force(events, before)
+    got = run(AggregateState(SPEC), events, labels, sizes)
+    np.testing.assert_array_equal(got, want)
+    # Idle eviction (gaps of 30000 s pass the 6 h horizon) changes no value either.
+    small = AggregateState(SPEC, max_entities=6)
+    np.testing.assert_array_equal(run(small, events, labels, [3]), want)
+
+
+def test_deliveries_never_early() -> None:
+    rng = np.random.default_rng(0)
+    seconds = np.cumsum(rng.choice([0.0, 5.0, 60.0], 500))
+    seconds[200:210] -= 30.0  # a few late events: the clock is the latest time seen
+    positive = rng.random(500) < 0.2
+    delivered = deliveries(seconds, positive, 100.0)
+    clock = np.maximum.accumulate(seconds)
+    seen = [j for _, js in delivered for j in js]
+    assert len(seen) == len(set(seen)) and all(positive[seen])
+    assert [i for i, _ in delivered] == sorted({i for i, _ in delivered})
+    for i, js in delivered:
+        assert (js < i).all() and (clock[i] >= seconds[js] + 100.0).all()
+        assert (i == js + 1).any() or (clock[i - 1] < seconds[js] + 100.0).any()  # not late
+    # Every positive label due before the stream ends is delivered.
+    due = seconds[positive] + 100.0
+    assert len(seen) == int((due <= clock[-1]).sum())
+
+
+def test_labels_outlive_clear_and_reach_later_events() -> None:
+    state = AggregateState(SPEC)
+    day = [Event(user="u", shop="s", ts=float(m * 600), amount=1.0) for m in range(6)]
+    state.update(day)  # six events in hour 0
+    state.confirm(day[0])
+    state.confirm(day[1])
+    state.clear()  # a partition move: events are replayed, labels are not
+    state.update(day)
+    x = state.update([Event(user="u", shop="s", ts=2 * H + 3 * H, amount=1.0)])
+    # The 1h window 2h ago is hour 2..3 away: hour 0 is in the 3h window only.
+    assert x[0, :6].tolist() == [0.0, 0.0, 0.0, 6.0, 2.0, pytest.approx(2 / 6)]
+    assert state.labels.keys == 2  # ("shop", "s") and ("user", "u"): both have labels
+    assert state.confirm(Event(user="u", shop="s", ts=0.0, amount=1.0)) == 2
+
+
+def test_store_bounds() -> None:
+    store = LabelStore(key_fields={"k"}, horizon_seconds=2 * H, max_keys=2)
+    assert store.add("k", 1, 10 * H) and store.add("k", 1, 8 * H)
+    assert not store.add("k", 1, 7 * H)  # more than the horizon before the key's newest
+    assert store.add("k", 1, 13 * H)  # pushes hours 8 and 10 out
+    assert store.confirmed("k", 1, [(0, 100)]) == [1]
+    assert not store.add("k", 1, math.nan) and store.dropped == 2
+    store.add("k", 2, 0.0)
+    store.add("k", 3, 0.0)
+    assert store.keys == 2 and store.evictions == 1
+    assert store.confirmed("k", 1, [(0, 100)]) == [0]  # the least recently labeled went
+
+
+def test_names_and_event_type() -> None:
+    assert SPEC.feature_names() == [
+        "shop.label_count(1h,-2h)", "shop.label_confirmed(1h,-2h)", "shop.label_rate(1h,-2h)",
+        "shop.label_count(3h,-2h)", "shop.label_confirmed(3h,-2h)", "shop.label_rate(3h,-2h)",
+        "shop.count(amount,1h)", "user.label_rate(1h,-0d)",
+    ]  # fmt: skip
+    assert SPEC.stateful and SPEC.labeled and not FeatureSpec("p", "e", "t", [Rolling(field="x",
+        windows_seconds=[1.0])]).labeled  # fmt: skip
+    again = msgspec.json.decode(msgspec.json.encode(SPEC), type=FeatureSpec)
+    assert again == SPEC
+    event = msgspec.json.decode(b'{"user": 1, "shop": 2, "ts": 0, "amount": 1}', type=Event)
+    assert event.shop == 2
+
+
+@pytest.mark.parametrize(
+    ("column", "match"),
+    [
+        ({"windows_seconds": []}, "at least one window"),
+        ({"windows_seconds": [1800]}, "whole hours"),
+        ({"windows_seconds": [3600], "delay_seconds": 60}, "whole hours"),
+        ({"windows_seconds": [3600], "delay_seconds": -3600}, "whole hours"),
+        ({"windows_seconds": [0]}, "> 0"),
+        ({"windows_seconds": [3600, 3600]}, "duplicate"),
+        ({"windows_seconds": [3600], "stats": ["mean"]}, "stats"),
+        ({"windows_seconds": [3600], "stats": ["rate", "rate"]}, "distinct"),
+    ],
+)
+def test_bad_columns_are_rejected(column: dict, match: str) -> None:
+    doc = {"profile": "p", "entity_field": "e", "time_field": "t",
+           "columns": [{"kind": "label_rate", **column}]}  # fmt: skip
+    with pytest.raises((msgspec.ValidationError, ValueError), match=match):
+        msgspec.convert(doc, FeatureSpec)
