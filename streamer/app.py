@@ -134,6 +134,11 @@ class Detector:
         """
         s = self.settings
         started = time.monotonic()
+        if s.spec.labeled and not s.control.feedback_topic:
+            raise StartupError(
+                "control.feedback_topic: the feature spec has label_rate columns, which only "
+                "label feedback feeds; set the topic the labels arrive on"
+            )
         self._serve(*self._load_bundle(Path(s.model.bundle)))
         # Health and metrics first, so an orchestrator sees a live, not-ready process while
         # Kafka is away.

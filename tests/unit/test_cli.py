@@ -51,3 +51,21 @@ def test_missing_bundle_exits_2(tmp_path) -> None:
     )
     assert done.returncode == 2
     assert "not a model bundle" in done.stderr
+
+
+def test_label_rate_without_a_feedback_topic_exits_2_naming_it(tmp_path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[kafka]\ninput_topic = "a"\nalert_topic = "b"\ndead_letter_topic = "c"\n'
+        f'[model]\nbundle = "{tmp_path / "nothing"}"\n'
+        '[features]\nprofile = "p"\nentity_field = "card"\ntime_field = "ts"\n'
+        'time_format = "epoch_s"\ncolumns = [{ kind = "numeric", field = "amount" }, '
+        '{ kind = "label_rate", key = "terminal", windows_seconds = [86400] }]\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "streamer", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "control.feedback_topic" in done.stderr
