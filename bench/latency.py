@@ -51,6 +51,7 @@ import numpy as np
 
 # Run as `python bench/latency.py`: bench/ itself is on sys.path, so e2e imports as a module.
 from e2e import (
+    CLIENTS,
     PARTITIONS,
     ROOT,
     Broker,
@@ -61,6 +62,7 @@ from e2e import (
     cpu_shares,
     create_topic,
     daemon_config,
+    default_clients,
     delete_topics,
     free_port,
     log,
@@ -112,9 +114,11 @@ class StampedProducer(threading.Thread):
         rate: float,
         seconds: float,
         linger_ms: int,
+        client: str = "kafka-python",
     ) -> None:
         super().__init__(name="latency-producer", daemon=True)
         self.bootstrap, self.topic, self.linger_ms = bootstrap, topic, linger_ms
+        self.client = client
         self.values, self.keys, self.parts = values, keys, parts
         self.rate, self.seconds = rate, seconds
         self.sent_at: list[list[float]] = [[] for _ in range(PARTITIONS)]  # index = offset
@@ -134,6 +138,9 @@ class StampedProducer(threading.Thread):
             self.error = exc
 
     def _run(self) -> None:
+        if self.client == "confluent":
+            self._run_confluent()
+            return
         from kafka import KafkaProducer
 
         # The repo's producer settings (training simulate, bench/e2e.py), linger adjustable.
@@ -160,6 +167,43 @@ class StampedProducer(threading.Thread):
             producer.flush()
         finally:
             producer.close()
+
+    def _run_confluent(self) -> None:
+        """The same sends through librdkafka: a fraction of kafka-python's CPU, which the
+        daemon, the broker and the reader share on a small machine."""
+        import confluent_kafka as ck
+
+        def delivered(err: Any, _: Any) -> None:
+            if err is not None:
+                self.failed += 1
+
+        producer = ck.Producer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "linger.ms": self.linger_ms,
+                "batch.size": 262_144,
+                "acks": 1,  # KafkaProducer's default
+                "on_delivery": delivered,
+            }
+        )
+        producer.list_topics(self.topic, timeout=30)  # metadata before the clock starts
+        produce, poll, topic, clock = producer.produce, producer.poll, self.topic, time.time
+        values, keys, parts, sent_at = self.values, self.keys, self.parts, self.sent_at
+        n = len(values)
+        i = 0
+        self.started_at = clock()
+        started = time.monotonic()
+        for due in pace(self.rate, self.seconds, 0.01, self.TICK, lambda: False):
+            for _ in range(due):
+                p = parts[i]
+                sent_at[p].append(clock())
+                produce(topic, values[i], keys[i], partition=p)
+                i = i + 1 if i + 1 < n else 0
+            poll(0)
+            self.sent += due
+        self.elapsed = time.monotonic() - started
+        if producer.flush(60):
+            raise RuntimeError("the benchmark producer did not deliver everything in 60 s")
 
 
 # -- the alert reader (its own process: in this one it would queue behind the producer for
@@ -310,6 +354,7 @@ def one_run(
             args.rate,
             args.seconds,
             args.linger_ms,
+            args.producer,
         )
         cpu0, jiffies0 = cpu_seconds(proc.pid), machine_jiffies()
         broker0 = cpu_seconds(broker_pid) if broker_pid else 0.0
@@ -529,6 +574,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--linger-ms", type=int, default=5, help="the benchmark producer's linger")
     parser.add_argument(
+        "--producer",
+        choices=CLIENTS,
+        default=default_clients().split(",")[-1],
+        help="the benchmark's own producer (default confluent when installed: less CPU taken "
+        "from the daemon on a small machine)",
+    )
+    parser.add_argument(
         "--clients",
         default="kafka-python",
         help="kafka.client: each config runs once per client (kafka-python, confluent)",
@@ -583,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": args.seconds,
             "warmup_seconds": args.warmup,
             "producer_linger_ms": args.linger_ms,
+            "producer_client": args.producer,
             "commit_interval_seconds": args.commit_interval,
             "pool": args.pool,
             "anomaly_rate": ANOMALY_RATE,
@@ -596,7 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nlatency: produce -> alert readable, {args.rate:,} events/s target "
         f"(--max-rate {args.max_rate:,} / 2 unless --rate), {args.seconds:g}s per run, first "
-        f"{args.warmup:g}s left out; {PARTITIONS} partitions; nproc {info['nproc']}, "
+        f"{args.warmup:g}s left out; {PARTITIONS} partitions; producer {args.producer}; "
+        f"nproc {info['nproc']}, "
         f"{info['date_utc']}\n"
     )
     print(table(runs))
