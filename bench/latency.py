@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from multiprocessing.connection import Connection
@@ -149,21 +150,14 @@ class StampedProducer(threading.Thread):
         )
         try:
             producer.partitions_for(self.topic)  # metadata before the clock starts
-            send, topic, on_error, clock = producer.send, self.topic, self._on_error, time.time
-            values, keys, parts, sent_at = self.values, self.keys, self.parts, self.sent_at
-            n = len(values)
-            i = 0
-            self.started_at = clock()
-            started = time.monotonic()
-            # Never a burst longer than 10 ms of load.
-            for due in pace(self.rate, self.seconds, 0.01, self.TICK, lambda: False):
-                for _ in range(due):
-                    p = parts[i]
-                    sent_at[p].append(clock())
-                    send(topic, key=keys[i], value=values[i], partition=p).add_errback(on_error)
-                    i = i + 1 if i + 1 < n else 0
-                self.sent += due
-            self.elapsed = time.monotonic() - started
+            send, topic, on_error = producer.send, self.topic, self._on_error
+            values, keys = self.values, self.keys
+            self._paced(
+                lambda i, p: send(topic, key=keys[i], value=values[i], partition=p).add_errback(
+                    on_error
+                ),
+                lambda: None,
+            )
             producer.flush()
         finally:
             producer.close()
@@ -187,23 +181,30 @@ class StampedProducer(threading.Thread):
             }
         )
         producer.list_topics(self.topic, timeout=30)  # metadata before the clock starts
-        produce, poll, topic, clock = producer.produce, producer.poll, self.topic, time.time
-        values, keys, parts, sent_at = self.values, self.keys, self.parts, self.sent_at
-        n = len(values)
-        i = 0
+        produce, topic, values, keys = producer.produce, self.topic, self.values, self.keys
+        self._paced(
+            lambda i, p: produce(topic, values[i], keys[i], partition=p),
+            lambda: producer.poll(0),  # delivery callbacks
+        )
+        if producer.flush(60):
+            raise RuntimeError("the benchmark producer did not deliver everything in 60 s")
+
+    def _paced(self, send: Callable[[int, int], Any], after_tick: Callable[[], Any]) -> None:
+        """Send the pool round and round at `rate`, stamping each send: `send(i, partition)`."""
+        parts, sent_at, clock = self.parts, self.sent_at, time.time
+        n, i = len(parts), 0
         self.started_at = clock()
         started = time.monotonic()
+        # Never a burst longer than 10 ms of load.
         for due in pace(self.rate, self.seconds, 0.01, self.TICK, lambda: False):
             for _ in range(due):
                 p = parts[i]
                 sent_at[p].append(clock())
-                produce(topic, values[i], keys[i], partition=p)
+                send(i, p)
                 i = i + 1 if i + 1 < n else 0
-            poll(0)
+            after_tick()
             self.sent += due
         self.elapsed = time.monotonic() - started
-        if producer.flush(60):
-            raise RuntimeError("the benchmark producer did not deliver everything in 60 s")
 
 
 # -- the alert reader (its own process: in this one it would queue behind the producer for

@@ -142,13 +142,14 @@ def write_config(
     model_extra: str = "",
     extra: str = "",
     runtime: str = "numpy",
-    profile: str = "orders",
+    profile: str | None = "orders",
 ) -> int:
-    """A daemon config for one test; returns the metrics port it was given."""
+    """A daemon config for one test; returns the metrics port it was given. `profile` None:
+    `extra` holds a `[features]` table instead."""
     port = free_port()
     path.write_text(
         f"""
-profile = "{profile}"
+{f'profile = "{profile}"' if profile else ""}
 [kafka]
 bootstrap_servers = "{bootstrap}"
 input_topic = "{topics.input}"

@@ -13,8 +13,7 @@ import pytest
 
 from streamer.config import TrainingSettings
 from streamer.features import FeatureSpec, LabelRate, Log1p
-from tests.conftest import free_port
-from tests.integration.conftest import Daemon, Topics, produce, read_topic
+from tests.integration.conftest import Daemon, Topics, produce, read_topic, write_config
 from training.datasets import from_events
 from training.fit import fit_bundle
 
@@ -51,7 +50,6 @@ def train(root: Path) -> Path:
 
 
 def config(path: Path, bootstrap: str, topics: Topics, registry: Path, feedback: str) -> int:
-    port = free_port()
     features = "\n".join(f"{k} = {json.dumps(v)}" for k, v in msgspec.to_builtins(SPEC).items()
                          if k != "columns" and v is not None)  # fmt: skip
     columns = ", ".join(
@@ -59,33 +57,19 @@ def config(path: Path, bootstrap: str, topics: Topics, registry: Path, feedback:
         for c in msgspec.to_builtins(SPEC.columns)
     )
     features += f"\ncolumns = [{columns}]"
-    path.write_text(
-        f"""
-[kafka]
-bootstrap_servers = "{bootstrap}"
-input_topic = "{topics.input}"
-alert_topic = "{topics.alerts}"
-dead_letter_topic = "{topics.dead_letters}"
-group_id = "{topics.group}"
-[model]
-bundle = "{registry}"
-runtime = "numpy"
-[batch]
-max_batch_size = 100
-max_wait_seconds = 0.1
+    return write_config(
+        path, bootstrap, topics, registry, batch_size=100, wait_seconds=0.1, profile=None,
+        extra=f"""
 [threshold]
 quantile = 0.99
 learn = false
 [control]
 feedback_topic = "{feedback}"
 poll_seconds = 0.2
-[metrics]
-port = {port}
 [features]
 {features}
-"""
-    )
-    return port
+""",
+    )  # fmt: skip
 
 
 def transactions(terminal: str, start: float, count: int) -> list[dict[str, object]]:
