@@ -29,11 +29,13 @@ from kafka.structs import OffsetAndMetadata
 from streamer import kafka_io
 from streamer.config import KafkaSettings
 from streamer.pipeline import BatchResult
+from streamer.records import DeadLetter
 
 log = logging.getLogger(__name__)
 Offsets = dict[TopicPartition, OffsetAndMetadata]
 Record = tuple[str, Any, bytes, Any]  # topic, key, value, headers
 STAGES = ("produce", "commit")  # what the outbox times, after the pipeline's own stages
+DEAD_LETTER_MAX_BYTES = 1_000_000  # with headers and key, under the producers' 1 MiB requests
 
 
 class DeliveryError(Exception):
@@ -70,12 +72,23 @@ def records_of(result: BatchResult, k: KafkaSettings) -> list[Record]:
     if result.publish_alerts:
         out += [(k.alert_topic, str(a.entity).encode(), encode(a), None) for a in result.alerts]
     out += [(k.alert_topic, str(i.entity).encode(), encode(i), None) for i in result.incidents]
-    out += [
-        (k.dead_letter_topic, d.message.key, d.message.value or b"",
-         kafka_io.dead_letter_headers(d))
-        for d in result.dead_letters
-    ]  # fmt: skip
+    out += [dead_letter(d, k.dead_letter_topic) for d in result.dead_letters]
     return out
+
+
+def dead_letter(d: DeadLetter, topic: str) -> Record:
+    """The dead letter's record: the original bytes, cut to DEAD_LETTER_MAX_BYTES when longer.
+
+    An input record near the broker's size limit plus the dead-letter headers would exceed
+    the producer's request limit (1 MiB) on every retry and stall the partition for good;
+    the headers name where the full original still is.
+    """
+    value = d.message.value or b""
+    headers = kafka_io.dead_letter_headers(d)
+    if len(value) > DEAD_LETTER_MAX_BYTES:
+        headers.append(("dlq.truncated_from_bytes", str(len(value)).encode()))
+        value = value[:DEAD_LETTER_MAX_BYTES]
+    return (topic, d.message.key, value, headers)
 
 
 class Outbox:

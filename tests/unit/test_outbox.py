@@ -8,7 +8,7 @@ from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from streamer.config import from_mapping
-from streamer.delivery import DeliveryError, Outbox, Record
+from streamer.delivery import DEAD_LETTER_MAX_BYTES, DeliveryError, Outbox, Record, dead_letter
 from streamer.pipeline import BatchResult
 from streamer.records import DeadLetter, RawMessage
 
@@ -110,3 +110,14 @@ def test_drop_forgets_batches_left_to_a_new_owner() -> None:
     box.drop()
     assert box.pending_batches == 0 and box.commit() == {}
     assert t.calls[-1] == ("abort", None)
+
+
+def test_a_dead_letter_too_large_to_send_is_cut_and_says_so() -> None:
+    huge = b"x" * (DEAD_LETTER_MAX_BYTES + 48_000)  # accepted by a broker, too big to resend
+    ((topic, _, value, headers), (_, _, small, small_headers)) = (
+        dead_letter(d, "dlq") for d in batch(huge, b"{}").dead_letters
+    )
+    assert topic == "dlq" and value == huge[:DEAD_LETTER_MAX_BYTES]
+    assert dict(headers)["dlq.truncated_from_bytes"] == str(len(huge)).encode()
+    assert dict(headers)["dlq.offset"] == b"0"  # where the whole original still is
+    assert small == b"{}" and "dlq.truncated_from_bytes" not in dict(small_headers)
