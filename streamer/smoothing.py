@@ -8,6 +8,12 @@
   would not help: they are a random subset of rows, not consecutive ones);
 - `frozen`: the threshold keeps its warm-start value and never learns from live scores (a
   long anomaly cannot teach it anything, and normal drift cannot lower it either);
+- `margin`: a row alerts only when its score is also above `margin` times the warm-start
+  threshold (the quantile of the held-out errors). With ~100 held-out errors the high
+  quantiles are all about their maximum, a noisy estimate of a rare tail; a margin asks
+  for a clear excess over anything seen in training rather than a higher quantile that the
+  warm start cannot resolve. 0 (the default) is no gate. A learning threshold never rises
+  above its warm-start value, so with it any margin >= 1 acts as frozen at margin x start;
 - `min_consecutive`: a row alerts only when it is the n-th row in a row above threshold;
 - `cooldown_rows`: after an alert, the next `cooldown_rows` rows do not alert (one alert per
   incident where a consumer pays per alert, as NAB's scoring does).
@@ -38,12 +44,15 @@ from streamer.threshold import RollingQuantileThreshold
 class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ewma_alpha: float = 1.0  # weight of the newest score; 1.0 = no smoothing
     frozen: bool = False  # True: the threshold never learns from live scores
+    margin: float = 0.0  # > 0: also require score > margin * warm-start threshold
     min_consecutive: int = 1
     cooldown_rows: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ewma_alpha <= 1.0:
             raise ValueError("smoothing.ewma_alpha must be in (0, 1]")
+        if not self.margin >= 0.0:
+            raise ValueError("smoothing.margin must be >= 0")
         if self.min_consecutive < 1:
             raise ValueError("smoothing.min_consecutive must be >= 1")
         if self.cooldown_rows < 0:
@@ -79,6 +88,13 @@ class SmoothedThreshold(RollingQuantileThreshold):
             # Start live smoothing from a typical normal level, not from one held-out row.
             self._level = float(np.median(warm_start))
         super().__init__(window_size, quantile, min_samples, warm_start)
+        # The gate of `margin`, fixed at start: relative to what training saw, never to live
+        # scores (which a long anomaly or drift would move).
+        self.floor = 0.0
+        if settings.margin > 0:
+            if not np.isfinite(self.value):
+                raise ValueError("smoothing.margin needs a warm start of min_samples scores")
+            self.floor = settings.margin * self.value
         self._run = 0  # consecutive rows above threshold so far
         self._quiet = 0  # cooldown rows left
         self.last_smoothed = np.empty(0)
@@ -92,7 +108,7 @@ class SmoothedThreshold(RollingQuantileThreshold):
         self.last_smoothed = smoothed
         # Frozen: compare only, so nothing live ever moves the threshold.
         above = smoothed > self.value if self.settings.frozen else super().judge(smoothed)
-        return self._shape(above)
+        return self._shape(above & (smoothed > self.floor))
 
     def _shape(self, above: np.ndarray) -> np.ndarray:
         s = self.settings

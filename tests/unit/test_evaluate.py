@@ -212,6 +212,34 @@ def test_frozen_threshold_does_not_learn() -> None:
     assert learning.value < before  # a quiet stream lowers the learning threshold
 
 
+def test_margin_gates_alerts_at_a_multiple_of_the_warm_start_threshold() -> None:
+    warm = np.linspace(0.0, 1.0, 200)
+    plain = SmoothedThreshold(200, 0.9, 10, warm, SmoothingSettings(frozen=True))
+    gated = SmoothedThreshold(200, 0.9, 10, warm, SmoothingSettings(frozen=True, margin=2.0))
+    assert gated.floor == pytest.approx(2.0 * plain.value)
+    scores = np.array([0.5, 1.5, 2.5])  # below, between start and 2x start, above 2x start
+    assert plain.judge(scores).tolist() == [False, True, True]
+    assert gated.judge(scores).tolist() == [False, False, True]
+
+
+def test_margin_floors_a_learning_threshold() -> None:
+    warm = np.linspace(0.0, 1.0, 200)
+    t = SmoothedThreshold(200, 0.9, 10, warm, SmoothingSettings(margin=1.0))
+    start = t.value
+    for _ in range(5):
+        assert not t.judge(np.full(100, 0.01)).any()
+    assert t.value < start  # the rolling value still learns a quiet stream ...
+    assert not t.judge(np.array([0.95 * start])).any()  # ... but alerts need the floor
+    assert t.judge(np.array([1.05 * start])).all()
+
+
+def test_margin_needs_a_warm_start() -> None:
+    with pytest.raises(ValueError, match="margin"):
+        SmoothedThreshold(200, 0.9, 10, None, SmoothingSettings(margin=1.5))
+    with pytest.raises(ValueError, match="margin"):
+        SmoothingSettings(margin=-1.0)
+
+
 def test_min_consecutive_and_cooldown_shape_alerts() -> None:
     warm = np.zeros(100)
     s = SmoothingSettings(min_consecutive=3, cooldown_rows=4)
