@@ -90,11 +90,13 @@ class SmoothedThreshold(RollingQuantileThreshold):
         super().__init__(window_size, quantile, min_samples, warm_start)
         # The gate of `margin`, fixed at start: relative to what training saw, never to live
         # scores (which a long anomaly or drift would move).
+        # Taken from the warm start itself, also when it holds fewer than min_samples scores
+        # (then the threshold is inf until live scores fill it, and the floor still applies).
         self.floor = 0.0
         if settings.margin > 0:
-            if not np.isfinite(self.value):
-                raise ValueError("smoothing.margin needs a warm start of min_samples scores")
-            self.floor = settings.margin * self.value
+            if warm_start is None or not warm_start.size:
+                raise ValueError("smoothing.margin needs a warm start")
+            self.floor = settings.margin * float(np.quantile(warm_start, quantile))
         self._run = 0  # consecutive rows above threshold so far
         self._quiet = 0  # cooldown rows left
         self.last_smoothed = np.empty(0)

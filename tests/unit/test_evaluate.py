@@ -238,6 +238,12 @@ def test_margin_needs_a_warm_start() -> None:
         SmoothedThreshold(200, 0.9, 10, None, SmoothingSettings(margin=1.5))
     with pytest.raises(ValueError, match="margin"):
         SmoothingSettings(margin=-1.0)
+    # A warm start under min_samples still sets the floor (the threshold waits for live scores).
+    small = SmoothedThreshold(
+        200, 0.9, 50, np.linspace(0.0, 1.0, 20), SmoothingSettings(margin=2.0)
+    )
+    assert small.value == float("inf")
+    assert small.floor == pytest.approx(2.0 * np.quantile(np.linspace(0.0, 1.0, 20), 0.9))
 
 
 def test_min_consecutive_and_cooldown_shape_alerts() -> None:
