@@ -7,7 +7,9 @@
   which a smoothed normal score exceeds even more rarely. (Smoothing the held-out errors
   would not help: they are a random subset of rows, not consecutive ones);
 - `frozen`: the threshold keeps its warm-start value and never learns from live scores (a
-  long anomaly cannot teach it anything, and normal drift cannot lower it either);
+  long anomaly cannot teach it anything, and normal drift cannot lower it either). A warm
+  start of fewer than `min_samples` scores (a short training period) is first topped up
+  with live scores, then frozen: otherwise the threshold would stay inf and never alert;
 - `margin`: a row alerts only when its score is also above `margin` times the warm-start
   threshold (the quantile of the held-out errors). With ~100 held-out errors the high
   quantiles are all about their maximum, a noisy estimate of a rare tail; a margin asks
@@ -108,8 +110,9 @@ class SmoothedThreshold(RollingQuantileThreshold):
         if smoothed.size:
             self._level = float(smoothed[-1])
         self.last_smoothed = smoothed
-        # Frozen: compare only, so nothing live ever moves the threshold.
-        above = smoothed > self.value if self.settings.frozen else super().judge(smoothed)
+        # Frozen: compare only, so nothing live moves the threshold once it has min_samples.
+        learning = not self.settings.frozen or self.count < self.min_samples
+        above = super().judge(smoothed) if learning else smoothed > self.value
         return self._shape(above & (smoothed > self.floor))
 
     def _shape(self, above: np.ndarray) -> np.ndarray:

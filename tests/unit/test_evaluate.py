@@ -212,6 +212,17 @@ def test_frozen_threshold_does_not_learn() -> None:
     assert learning.value < before  # a quiet stream lowers the learning threshold
 
 
+def test_frozen_threshold_tops_up_a_short_warm_start_then_freezes() -> None:
+    t = SmoothedThreshold(200, 0.9, 50, np.linspace(0.0, 1.0, 20), SmoothingSettings(frozen=True))
+    assert t.value == float("inf")
+    assert not t.judge(np.full(40, 0.5)).any()  # 60 scores now: the threshold is set
+    fixed = t.value
+    assert np.isfinite(fixed)
+    t.judge(np.full(100, 0.01))
+    assert t.value == fixed
+    assert t.judge(np.array([fixed + 1.0])).all()
+
+
 def test_margin_gates_alerts_at_a_multiple_of_the_warm_start_threshold() -> None:
     warm = np.linspace(0.0, 1.0, 200)
     plain = SmoothedThreshold(200, 0.9, 10, warm, SmoothingSettings(frozen=True))
