@@ -18,7 +18,12 @@
   above its warm-start value, so with it any margin >= 1 acts as frozen at margin x start;
 - `min_consecutive`: a row alerts only when it is the n-th row in a row above threshold;
 - `cooldown_rows`: after an alert, the next `cooldown_rows` rows do not alert (one alert per
-  incident where a consumer pays per alert, as NAB's scoring does).
+  incident where a consumer pays per alert, as NAB's scoring does);
+- `learn_in_cooldown`: the cooldown rows enter the (learning) threshold's window as they
+  are, not clipped. The incident has been reported; if what follows it lasts a whole
+  cooldown it is taken as the new normal, so the threshold can rise to a new level of the
+  scores (a shifted or drifted series) instead of alerting once per cooldown for ever. The
+  price: after a large incident the threshold stays higher for a while (its window).
 
 The state (EWMA level, run length, cooldown) is one per instance: in a stream that
 interleaves entities it must be one instance per entity, which the daemon's pipeline does
@@ -49,6 +54,7 @@ class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     margin: float = 0.0  # > 0: also require score > margin * warm-start threshold
     min_consecutive: int = 1
     cooldown_rows: int = 0
+    learn_in_cooldown: bool = False  # cooldown rows are learned unclipped (a new level)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ewma_alpha <= 1.0:
@@ -59,6 +65,8 @@ class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             raise ValueError("smoothing.min_consecutive must be >= 1")
         if self.cooldown_rows < 0:
             raise ValueError("smoothing.cooldown_rows must be >= 0")
+        if self.learn_in_cooldown and (self.frozen or self.cooldown_rows == 0):
+            raise ValueError("smoothing.learn_in_cooldown needs cooldown_rows > 0, not frozen")
 
 
 def ewma(scores: np.ndarray, alpha: float, level: float | None = None) -> np.ndarray:
@@ -111,21 +119,31 @@ class SmoothedThreshold(RollingQuantileThreshold):
             self._level = float(smoothed[-1])
         self.last_smoothed = smoothed
         # Frozen: compare only, so nothing live moves the threshold once it has min_samples.
-        learning = not self.settings.frozen or self.count < self.min_samples
-        above = super().judge(smoothed) if learning else smoothed > self.value
-        return self._shape(above & (smoothed > self.floor))
+        learning = self.learn and (not self.settings.frozen or self.count < self.min_samples)
+        value = self.value
+        above = smoothed > value
+        flags, cooling = self._shape(above & (smoothed > self.floor))
+        if learning:
+            # As RollingQuantileThreshold.judge: a score above the threshold is learned clipped
+            # to it, except in a cooldown with learn_in_cooldown (learned as it is).
+            clip = above & ~cooling if self.settings.learn_in_cooldown else above
+            self.observe(np.where(clip, value, smoothed))
+        return flags
 
-    def _shape(self, above: np.ndarray) -> np.ndarray:
+    def _shape(self, above: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Alerts after min_consecutive and cooldown; also which rows were in a cooldown."""
         s = self.settings
+        cooling = np.zeros(above.size, dtype=bool)
         if s.min_consecutive == 1 and s.cooldown_rows == 0:
-            return above
+            return above, cooling
         out = np.zeros(above.size, dtype=bool)
         for i, up in enumerate(above.tolist()):
             self._run = self._run + 1 if up else 0
             if self._quiet > 0:
                 self._quiet -= 1
+                cooling[i] = True
                 continue
             if self._run >= s.min_consecutive:
                 out[i] = True
                 self._quiet = s.cooldown_rows
-        return out
+        return out, cooling

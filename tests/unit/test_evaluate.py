@@ -223,6 +223,25 @@ def test_frozen_threshold_tops_up_a_short_warm_start_then_freezes() -> None:
     assert t.judge(np.array([fixed + 1.0])).all()
 
 
+def test_learn_in_cooldown_takes_a_lasting_shift_as_the_new_normal() -> None:
+    warm = np.linspace(0.0, 1.0, 200)
+    shifted = np.full(500, 5.0)  # every score jumps above anything seen, and stays there
+    alerts = {}
+    for learn in (False, True):
+        s = SmoothingSettings(cooldown_rows=50, learn_in_cooldown=learn)
+        t = SmoothedThreshold(1000, 0.99, 10, warm, s)
+        alerts[learn] = int(sum(t.judge(shifted[k : k + 10]).sum() for k in range(0, 500, 10)))
+    assert alerts[False] == 10  # once per cooldown, for ever
+    assert alerts[True] == 1  # once; the cooldown's unclipped scores raise the threshold
+
+
+def test_learn_in_cooldown_needs_a_learning_threshold_and_a_cooldown() -> None:
+    with pytest.raises(ValueError, match="learn_in_cooldown"):
+        SmoothingSettings(learn_in_cooldown=True)
+    with pytest.raises(ValueError, match="learn_in_cooldown"):
+        SmoothingSettings(learn_in_cooldown=True, cooldown_rows=5, frozen=True)
+
+
 def test_margin_gates_alerts_at_a_multiple_of_the_warm_start_threshold() -> None:
     warm = np.linspace(0.0, 1.0, 200)
     plain = SmoothedThreshold(200, 0.9, 10, warm, SmoothingSettings(frozen=True))
