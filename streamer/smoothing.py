@@ -7,10 +7,23 @@
   which a smoothed normal score exceeds even more rarely. (Smoothing the held-out errors
   would not help: they are a random subset of rows, not consecutive ones);
 - `frozen`: the threshold keeps its warm-start value and never learns from live scores (a
-  long anomaly cannot teach it anything, and normal drift cannot lower it either);
+  long anomaly cannot teach it anything, and normal drift cannot lower it either). A warm
+  start of fewer than `min_samples` scores (a short training period) is first topped up
+  with live scores, then frozen: otherwise the threshold would stay inf and never alert;
+- `margin`: a row alerts only when its score is also above `margin` times the warm-start
+  threshold (the quantile of the held-out errors). With ~100 held-out errors the high
+  quantiles are all about their maximum, a noisy estimate of a rare tail; a margin asks
+  for a clear excess over anything seen in training rather than a higher quantile that the
+  warm start cannot resolve. 0 (the default) is no gate. A learning threshold never rises
+  above its warm-start value, so with it any margin >= 1 acts as frozen at margin x start;
 - `min_consecutive`: a row alerts only when it is the n-th row in a row above threshold;
 - `cooldown_rows`: after an alert, the next `cooldown_rows` rows do not alert (one alert per
-  incident where a consumer pays per alert, as NAB's scoring does).
+  incident where a consumer pays per alert, as NAB's scoring does);
+- `learn_in_cooldown`: the cooldown rows enter the (learning) threshold's window as they
+  are, not clipped. The incident has been reported; if what follows it lasts a whole
+  cooldown it is taken as the new normal, so the threshold can rise to a new level of the
+  scores (a shifted or drifted series) instead of alerting once per cooldown for ever. The
+  price: after a large incident the threshold stays higher for a while (its window).
 
 The state (EWMA level, run length, cooldown) is one per instance: in a stream that
 interleaves entities it must be one instance per entity, which the daemon's pipeline does
@@ -38,16 +51,22 @@ from streamer.threshold import RollingQuantileThreshold
 class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ewma_alpha: float = 1.0  # weight of the newest score; 1.0 = no smoothing
     frozen: bool = False  # True: the threshold never learns from live scores
+    margin: float = 0.0  # > 0: also require score > margin * warm-start threshold
     min_consecutive: int = 1
     cooldown_rows: int = 0
+    learn_in_cooldown: bool = False  # cooldown rows are learned unclipped (a new level)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ewma_alpha <= 1.0:
             raise ValueError("smoothing.ewma_alpha must be in (0, 1]")
+        if not self.margin >= 0.0:
+            raise ValueError("smoothing.margin must be >= 0")
         if self.min_consecutive < 1:
             raise ValueError("smoothing.min_consecutive must be >= 1")
         if self.cooldown_rows < 0:
             raise ValueError("smoothing.cooldown_rows must be >= 0")
+        if self.learn_in_cooldown and (self.frozen or self.cooldown_rows == 0):
+            raise ValueError("smoothing.learn_in_cooldown needs cooldown_rows > 0, not frozen")
 
 
 def ewma(scores: np.ndarray, alpha: float, level: float | None = None) -> np.ndarray:
@@ -79,6 +98,15 @@ class SmoothedThreshold(RollingQuantileThreshold):
             # Start live smoothing from a typical normal level, not from one held-out row.
             self._level = float(np.median(warm_start))
         super().__init__(window_size, quantile, min_samples, warm_start)
+        # The gate of `margin`, fixed at start: relative to what training saw, never to live
+        # scores (which a long anomaly or drift would move).
+        # Taken from the warm start itself, also when it holds fewer than min_samples scores
+        # (then the threshold is inf until live scores fill it, and the floor still applies).
+        self.floor = 0.0
+        if settings.margin > 0:
+            if warm_start is None or not warm_start.size:
+                raise ValueError("smoothing.margin needs a warm start")
+            self.floor = settings.margin * float(np.quantile(warm_start, quantile))
         self._run = 0  # consecutive rows above threshold so far
         self._quiet = 0  # cooldown rows left
         self.last_smoothed = np.empty(0)
@@ -90,21 +118,32 @@ class SmoothedThreshold(RollingQuantileThreshold):
         if smoothed.size:
             self._level = float(smoothed[-1])
         self.last_smoothed = smoothed
-        # Frozen: compare only, so nothing live ever moves the threshold.
-        above = smoothed > self.value if self.settings.frozen else super().judge(smoothed)
-        return self._shape(above)
+        # Frozen: compare only, so nothing live moves the threshold once it has min_samples.
+        learning = self.learn and (not self.settings.frozen or self.count < self.min_samples)
+        value = self.value
+        above = smoothed > value
+        flags, cooling = self._shape(above & (smoothed > self.floor))
+        if learning:
+            # As RollingQuantileThreshold.judge: a score above the threshold is learned clipped
+            # to it, except in a cooldown with learn_in_cooldown (learned as it is).
+            clip = above & ~cooling if self.settings.learn_in_cooldown else above
+            self.observe(np.where(clip, value, smoothed))
+        return flags
 
-    def _shape(self, above: np.ndarray) -> np.ndarray:
+    def _shape(self, above: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Alerts after min_consecutive and cooldown; also which rows were in a cooldown."""
         s = self.settings
+        cooling = np.zeros(above.size, dtype=bool)
         if s.min_consecutive == 1 and s.cooldown_rows == 0:
-            return above
+            return above, cooling
         out = np.zeros(above.size, dtype=bool)
         for i, up in enumerate(above.tolist()):
             self._run = self._run + 1 if up else 0
             if self._quiet > 0:
                 self._quiet -= 1
+                cooling[i] = True
                 continue
             if self._run >= s.min_consecutive:
                 out[i] = True
                 self._quiet = s.cooldown_rows
-        return out
+        return out, cooling

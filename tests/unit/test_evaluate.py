@@ -212,6 +212,70 @@ def test_frozen_threshold_does_not_learn() -> None:
     assert learning.value < before  # a quiet stream lowers the learning threshold
 
 
+def test_frozen_threshold_tops_up_a_short_warm_start_then_freezes() -> None:
+    t = SmoothedThreshold(200, 0.9, 50, np.linspace(0.0, 1.0, 20), SmoothingSettings(frozen=True))
+    assert t.value == float("inf")
+    assert not t.judge(np.full(40, 0.5)).any()  # 60 scores now: the threshold is set
+    fixed = t.value
+    assert np.isfinite(fixed)
+    t.judge(np.full(100, 0.01))
+    assert t.value == fixed
+    assert t.judge(np.array([fixed + 1.0])).all()
+
+
+def test_learn_in_cooldown_takes_a_lasting_shift_as_the_new_normal() -> None:
+    warm = np.linspace(0.0, 1.0, 200)
+    shifted = np.full(500, 5.0)  # every score jumps above anything seen, and stays there
+    alerts = {}
+    for learn in (False, True):
+        s = SmoothingSettings(cooldown_rows=50, learn_in_cooldown=learn)
+        t = SmoothedThreshold(1000, 0.99, 10, warm, s)
+        alerts[learn] = int(sum(t.judge(shifted[k : k + 10]).sum() for k in range(0, 500, 10)))
+    assert alerts[False] == 10  # once per cooldown, for ever
+    assert alerts[True] == 1  # once; the cooldown's unclipped scores raise the threshold
+
+
+def test_learn_in_cooldown_needs_a_learning_threshold_and_a_cooldown() -> None:
+    with pytest.raises(ValueError, match="learn_in_cooldown"):
+        SmoothingSettings(learn_in_cooldown=True)
+    with pytest.raises(ValueError, match="learn_in_cooldown"):
+        SmoothingSettings(learn_in_cooldown=True, cooldown_rows=5, frozen=True)
+
+
+def test_margin_gates_alerts_at_a_multiple_of_the_warm_start_threshold() -> None:
+    warm = np.linspace(0.0, 1.0, 200)
+    plain = SmoothedThreshold(200, 0.9, 10, warm, SmoothingSettings(frozen=True))
+    gated = SmoothedThreshold(200, 0.9, 10, warm, SmoothingSettings(frozen=True, margin=2.0))
+    assert gated.floor == pytest.approx(2.0 * plain.value)
+    scores = np.array([0.5, 1.5, 2.5])  # below, between start and 2x start, above 2x start
+    assert plain.judge(scores).tolist() == [False, True, True]
+    assert gated.judge(scores).tolist() == [False, False, True]
+
+
+def test_margin_floors_a_learning_threshold() -> None:
+    warm = np.linspace(0.0, 1.0, 200)
+    t = SmoothedThreshold(200, 0.9, 10, warm, SmoothingSettings(margin=1.0))
+    start = t.value
+    for _ in range(5):
+        assert not t.judge(np.full(100, 0.01)).any()
+    assert t.value < start  # the rolling value still learns a quiet stream ...
+    assert not t.judge(np.array([0.95 * start])).any()  # ... but alerts need the floor
+    assert t.judge(np.array([1.05 * start])).all()
+
+
+def test_margin_needs_a_warm_start() -> None:
+    with pytest.raises(ValueError, match="margin"):
+        SmoothedThreshold(200, 0.9, 10, None, SmoothingSettings(margin=1.5))
+    with pytest.raises(ValueError, match="margin"):
+        SmoothingSettings(margin=-1.0)
+    # A warm start under min_samples still sets the floor (the threshold waits for live scores).
+    small = SmoothedThreshold(
+        200, 0.9, 50, np.linspace(0.0, 1.0, 20), SmoothingSettings(margin=2.0)
+    )
+    assert small.value == float("inf")
+    assert small.floor == pytest.approx(2.0 * np.quantile(np.linspace(0.0, 1.0, 20), 0.9))
+
+
 def test_min_consecutive_and_cooldown_shape_alerts() -> None:
     warm = np.zeros(100)
     s = SmoothingSettings(min_consecutive=3, cooldown_rows=4)
