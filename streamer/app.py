@@ -45,6 +45,7 @@ Polled = dict[TopicPartition, list[RawMessage]]  # one poll, by partition
 
 CHECK_SECONDS = 1.0  # lag and broker-contact checks
 METADATA_REFRESH_SECONDS = 5.0  # while no partition is assigned
+STUCK_SECONDS = 45.0  # unassigned and unheard by the coordinator this long: a new consumer
 STATUS_LOG_SECONDS = 10.0
 BACKOFF_START_SECONDS = 0.5
 
@@ -113,6 +114,7 @@ class Detector:
         self._revoked: set[TopicPartition] = set()
         self._rewind: set[TopicPartition] = set()
         self._next_metadata = 0.0
+        self._silent_since: float | None = None  # when the coordinator last stopped answering
         c = settings.control
         self._side_topics = [t for t in (c.topic, c.feedback_topic) if t]
         self._control = ControlState(c, settings.spec.time_format) if self._side_topics else None
@@ -402,8 +404,11 @@ class Detector:
                 elif self._outbox is not None and self._outbox.commit_due():
                     self.commit()  # a quiet stream still commits what it has scored
                 if now >= next_check:
-                    self._check(consumer, polled_any=bool(polled))
                     next_check = now + CHECK_SECONDS
+                    if not self._check(consumer, polled_any=bool(polled)):
+                        if self._consumer is None:  # stopped while reconnecting
+                            break
+                        consumer = self._consumer
                 if reload_every and now >= next_reload:
                     self._maybe_reload()
                     self._maybe_shadow()
@@ -638,27 +643,48 @@ class Detector:
 
     # -- observability ---------------------------------------------------------------------
 
-    def _check(self, consumer: kafka_io.GroupConsumer, polled_any: bool) -> None:
-        """Once a second: consumer lag, and whether the group coordinator still answers."""
+    def _check(self, consumer: kafka_io.GroupConsumer, polled_any: bool) -> bool:
+        """Once a second: consumer lag, and whether the group coordinator still answers.
+
+        Returns False when the consumer was replaced: a member without partitions whose
+        coordinator stays silent while the broker answers metadata requests is stuck outside
+        its group (seen once in CI with kafka-python: "assigned []", then no heartbeat for
+        90 s); a new member joins afresh.
+        """
+        now = time.monotonic()
         try:
             for tp, lag in consumer.lag().items():
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
             in_touch = polled_any or consumer.coordinator_in_touch()
-            if not consumer.assignment() and time.monotonic() >= self._next_metadata:
-                # Joined before the broker's metadata listed the topic's partitions (a topic
-                # created moments before): kafka-python would wait metadata_max_age_ms (5 min)
-                # to look again. A refresh now lets the group rebalance; an idle replica
-                # (more replicas than partitions) pays one metadata request per interval.
-                consumer.topics()
-                self._next_metadata = time.monotonic() + METADATA_REFRESH_SECONDS
         except KafkaError:  # position() may need the broker to validate an offset
             in_touch = False
+        answered = False
+        if not consumer.assignment() and now >= self._next_metadata:
+            # Joined before the broker's metadata listed the topic's partitions (a topic
+            # created moments before): kafka-python would wait metadata_max_age_ms (5 min)
+            # to look again. A refresh now lets the group rebalance; an idle replica
+            # (more replicas than partitions) pays one metadata request per interval.
+            self._next_metadata = now + METADATA_REFRESH_SECONDS
+            try:
+                consumer.topics()
+                answered = True
+            except KafkaError as exc:
+                log.warning("metadata refresh: %s", exc)
+        self._silent_since = None if in_touch else (self._silent_since or now)
+        if answered and self._silent_since and now - self._silent_since >= STUCK_SECONDS:
+            self._silent_since = None
+            self._replace_consumer(
+                f"no partitions, and the group coordinator silent for {STUCK_SECONDS:.0f}s "
+                "while the broker answers"
+            )
+            return False
         if self._pipeline is not None and self._pipeline.drift is not None:
             self.metrics.record_drift(self._pipeline.drift)
         if in_touch != self._broker_ok:
             log.info("Kafka %s", "reachable" if in_touch else "unreachable: waiting for it")
         self._broker_ok = in_touch
         self._set_ready(in_touch)
+        return True
 
     def _set_ready(self, ready: bool) -> None:
         self._ready = ready

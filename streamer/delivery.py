@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 Offsets = dict[TopicPartition, OffsetAndMetadata]
 Record = tuple[str, Any, bytes, Any]  # topic, key, value, headers
 STAGES = ("produce", "commit")  # what the outbox times, after the pipeline's own stages
-DEAD_LETTER_MAX_BYTES = 1_000_000  # with headers and key, under the producers' 1 MiB requests
+# The producers' request limit (kafka-python's max_request_size, set for librdkafka too), less
+# room for the dead-letter headers (dlq.detail is cut at 1,000 bytes) and the batch overhead.
+DEAD_LETTER_MAX_BYTES = 1_048_576 - 8_192
 
 
 class DeliveryError(Exception):
@@ -77,7 +79,8 @@ def records_of(result: BatchResult, k: KafkaSettings) -> list[Record]:
 
 
 def dead_letter(d: DeadLetter, topic: str) -> Record:
-    """The dead letter's record: the original bytes, cut to DEAD_LETTER_MAX_BYTES when longer.
+    """The dead letter's record: the original bytes, cut when they and the key would not fit
+    in DEAD_LETTER_MAX_BYTES.
 
     An input record near the broker's size limit plus the dead-letter headers would exceed
     the producer's request limit (1 MiB) on every retry and stall the partition for good;
@@ -85,9 +88,10 @@ def dead_letter(d: DeadLetter, topic: str) -> Record:
     """
     value = d.message.value or b""
     headers = kafka_io.dead_letter_headers(d)
-    if len(value) > DEAD_LETTER_MAX_BYTES:
+    room = max(0, DEAD_LETTER_MAX_BYTES - len(d.message.key or b""))
+    if len(value) > room:
         headers.append(("dlq.truncated_from_bytes", str(len(value)).encode()))
-        value = value[:DEAD_LETTER_MAX_BYTES]
+        value = value[:room]
     return (topic, d.message.key, value, headers)
 
 
