@@ -356,7 +356,6 @@ class Detector:
         if self._consumer is None or self.should_exit:  # stopped while still connecting
             self.close()
             return
-        consumer = self._consumer
         batch = self.settings.batch
         deadline = 0.0
         next_check = next_status = 0.0
@@ -366,6 +365,10 @@ class Detector:
         try:
             while not self.should_exit:
                 self.heartbeat.beat()
+                # The consumer may have been replaced (_replace_consumer) since the last turn.
+                consumer = self._consumer
+                if consumer is None:  # stopped while reconnecting
+                    break
                 now = time.monotonic()
                 wait = max(0.0, deadline - now) if self._buffer else batch.idle_poll_seconds
                 try:
@@ -374,9 +377,6 @@ class Detector:
                     )
                 except kafka_io.ConsumerBroken as exc:
                     self._replace_consumer(str(exc))
-                    if self._consumer is None:  # stopped while reconnecting
-                        break
-                    consumer = self._consumer
                     continue
                 except KafkaError as exc:  # the clients retry themselves; some errors escape
                     self._wait_after_failure(f"poll: {exc}")
@@ -404,11 +404,8 @@ class Detector:
                 elif self._outbox is not None and self._outbox.commit_due():
                     self.commit()  # a quiet stream still commits what it has scored
                 if now >= next_check:
+                    self._check(consumer, polled_any=bool(polled))
                     next_check = now + CHECK_SECONDS
-                    if not self._check(consumer, polled_any=bool(polled)):
-                        if self._consumer is None:  # stopped while reconnecting
-                            break
-                        consumer = self._consumer
                 if reload_every and now >= next_reload:
                     self._maybe_reload()
                     self._maybe_shadow()
@@ -643,13 +640,13 @@ class Detector:
 
     # -- observability ---------------------------------------------------------------------
 
-    def _check(self, consumer: kafka_io.GroupConsumer, polled_any: bool) -> bool:
+    def _check(self, consumer: kafka_io.GroupConsumer, polled_any: bool) -> None:
         """Once a second: consumer lag, and whether the group coordinator still answers.
 
-        Returns False when the consumer was replaced: a member without partitions whose
-        coordinator stays silent while the broker answers metadata requests is stuck outside
-        its group (seen once in CI with kafka-python: "assigned []", then no heartbeat for
-        90 s); a new member joins afresh.
+        A member without partitions whose coordinator stays silent while the broker answers
+        metadata requests is stuck outside its group (seen once in CI with kafka-python:
+        "assigned []", then no heartbeat for 90 s): it is replaced, and a new member joins
+        afresh.
         """
         now = time.monotonic()
         try:
@@ -677,14 +674,13 @@ class Detector:
                 f"no partitions, and the group coordinator silent for {STUCK_SECONDS:.0f}s "
                 "while the broker answers"
             )
-            return False
+            return
         if self._pipeline is not None and self._pipeline.drift is not None:
             self.metrics.record_drift(self._pipeline.drift)
         if in_touch != self._broker_ok:
             log.info("Kafka %s", "reachable" if in_touch else "unreachable: waiting for it")
         self._broker_ok = in_touch
         self._set_ready(in_touch)
-        return True
 
     def _set_ready(self, ready: bool) -> None:
         self._ready = ready
