@@ -19,6 +19,18 @@
 - `min_consecutive`: a row alerts only when it is the n-th row in a row above threshold;
 - `cooldown_rows`: after an alert, the next `cooldown_rows` rows do not alert (one alert per
   incident where a consumer pays per alert, as NAB's scoring does);
+- `mean_rows`: each score is replaced by the mean of the last `mean_rows` scores (a moving
+  average, as Numenta's anomaly likelihood takes over 10 rows); exclusive with EWMA;
+- `likelihood`: the Gaussian tail rule of Numenta's anomaly likelihood (Ahmad et al. 2017)
+  instead of the quantile. The window's (smoothed) scores are fitted with a normal
+  distribution and a row alerts when its likelihood Phi((s - mean) / std) is at least
+  `likelihood` (NuPIC recommends 0.99999), so the threshold is mean + z * std. A tail
+  quantile of a few thousand scores is decided by its few largest ones; a mean and a std
+  use every score, so the threshold is steady and a long window (NuPIC: 8640 rows) adapts
+  it to a series' own noise. Every score is learned as it is, as NuPIC does: one incident
+  barely moves a long window's mean, and a level that lasts becomes the new normal. Only
+  the upper tail alerts (NuPIC's is two-sided): a reconstruction error below its usual
+  level means a row more typical than usual, not less. `threshold.quantile` is unused;
 - `learn_in_cooldown`: the cooldown rows enter the (learning) threshold's window as they
   are, not clipped. The incident has been reported; if what follows it lasts a whole
   cooldown it is taken as the new normal, so the threshold can rise to a new level of the
@@ -42,6 +54,9 @@ not do yet; the evaluator runs one pipeline per series.
 
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
+
 import msgspec
 import numpy as np
 
@@ -55,6 +70,8 @@ class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     min_consecutive: int = 1
     cooldown_rows: int = 0
     learn_in_cooldown: bool = False  # cooldown rows are learned unclipped (a new level)
+    mean_rows: int = 1  # moving average over this many scores; 1 = none
+    likelihood: float = 0.0  # > 0: Gaussian tail rule, alert when Phi(z) >= this
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ewma_alpha <= 1.0:
@@ -67,6 +84,21 @@ class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             raise ValueError("smoothing.cooldown_rows must be >= 0")
         if self.learn_in_cooldown and (self.frozen or self.cooldown_rows == 0):
             raise ValueError("smoothing.learn_in_cooldown needs cooldown_rows > 0, not frozen")
+        if self.mean_rows < 1:
+            raise ValueError("smoothing.mean_rows must be >= 1")
+        if self.mean_rows > 1 and self.ewma_alpha < 1.0:
+            raise ValueError("smoothing.mean_rows and smoothing.ewma_alpha: choose one smoother")
+        if not (self.likelihood == 0.0 or 0.5 < self.likelihood < 1.0):
+            raise ValueError("smoothing.likelihood must be 0 (off) or in (0.5, 1)")
+        if self.likelihood and self.learn_in_cooldown:
+            raise ValueError(
+                "smoothing.learn_in_cooldown: with smoothing.likelihood every score is learned"
+            )
+
+
+# A flat window (a constant series) would make any rise infinitely unlikely: the std used is
+# at least this share of the mean.
+MIN_RELATIVE_STD = 1e-3
 
 
 def ewma(scores: np.ndarray, alpha: float, level: float | None = None) -> np.ndarray:
@@ -83,6 +115,19 @@ def ewma(scores: np.ndarray, alpha: float, level: float | None = None) -> np.nda
     return out
 
 
+def moving_mean(scores: np.ndarray, rows: int, previous: np.ndarray) -> np.ndarray:
+    """Mean of each score and the `rows - 1` before it (`previous`: the scores before these).
+
+    >>> moving_mean(np.array([3.0, 6.0, 9.0]), 2, np.array([1.0])).tolist()
+    [2.0, 4.5, 7.5]
+    """
+    joined = np.concatenate([previous[-(rows - 1) :] if rows > 1 else previous[:0], scores])
+    sums = np.cumsum(np.concatenate([[0.0], joined]))
+    ends = np.arange(joined.size - scores.size, joined.size) + 1
+    starts = np.maximum(ends - rows, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
 class SmoothedThreshold(RollingQuantileThreshold):
     def __init__(
         self,
@@ -93,6 +138,8 @@ class SmoothedThreshold(RollingQuantileThreshold):
         settings: SmoothingSettings,
     ) -> None:
         self.settings = settings
+        self._z = NormalDist().inv_cdf(settings.likelihood) if settings.likelihood else 0.0
+        self._recent = np.empty(0)  # the last mean_rows - 1 raw scores
         self._level: float | None = None
         if warm_start is not None and warm_start.size:
             # Start live smoothing from a typical normal level, not from one held-out row.
@@ -113,22 +160,41 @@ class SmoothedThreshold(RollingQuantileThreshold):
 
     def judge(self, scores: np.ndarray) -> np.ndarray:
         """Smooth, compare with the threshold (learning unless frozen), then shape alerts."""
+        s = self.settings
         scores = np.asarray(scores, dtype=np.float64)
-        smoothed = ewma(scores, self.settings.ewma_alpha, self._level)
+        if s.mean_rows > 1:
+            smoothed = moving_mean(scores, s.mean_rows, self._recent)
+            self._recent = np.concatenate([self._recent, scores])[-(s.mean_rows - 1) :]
+        else:
+            smoothed = ewma(scores, s.ewma_alpha, self._level)
         if smoothed.size:
             self._level = float(smoothed[-1])
         self.last_smoothed = smoothed
         # Frozen: compare only, so nothing live moves the threshold once it has min_samples.
-        learning = self.learn and (not self.settings.frozen or self.count < self.min_samples)
+        learning = self.learn and (not s.frozen or self.count < self.min_samples)
         value = self.value
         above = smoothed > value
         flags, cooling = self._shape(above & (smoothed > self.floor))
-        if learning:
+        if learning and s.likelihood:
+            self.observe(smoothed)
+        elif learning:
             # As RollingQuantileThreshold.judge: a score above the threshold is learned clipped
             # to it, except in a cooldown with learn_in_cooldown (learned as it is).
             clip = above & ~cooling if self.settings.learn_in_cooldown else above
             self.observe(np.where(clip, value, smoothed))
         return flags
+
+    def _refresh(self) -> None:
+        if not self.settings.likelihood:
+            super()._refresh()
+            return
+        if self.count < self.min_samples:
+            self.value = math.inf
+            return
+        held = self._ring[: self.count]
+        mean = float(held.mean())
+        std = max(float(held.std()), MIN_RELATIVE_STD * abs(mean), 1e-12)
+        self.value = mean + self._z * std
 
     def _shape(self, above: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Alerts after min_consecutive and cooldown; also which rows were in a cooldown."""

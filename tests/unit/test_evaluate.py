@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -285,6 +286,59 @@ def test_min_consecutive_and_cooldown_shape_alerts() -> None:
     # then row 10 is still in a run of at least 3: alert again.
     flags = t.judge(scores)
     assert np.flatnonzero(flags).tolist() == [5, 10]
+
+
+def test_moving_mean_is_the_same_whatever_the_batches() -> None:
+    x = np.random.default_rng(0).random(50)
+    whole = np.convolve(x, np.ones(10) / 10)[:50]
+    whole[:9] = [x[: k + 1].mean() for k in range(9)]  # the first rows average what exists
+    t = SmoothedThreshold(1000, 0.9, 10, np.ones(100), SmoothingSettings(mean_rows=10))
+    parts = []
+    for a, b in ((0, 3), (3, 20), (20, 50)):
+        t.judge(x[a:b])
+        parts.append(t.last_smoothed)
+    np.testing.assert_allclose(np.concatenate(parts), whole)
+
+
+def test_likelihood_threshold_is_mean_plus_z_std_of_the_window() -> None:
+    warm = np.random.default_rng(1).normal(10.0, 2.0, 500)
+    t = SmoothedThreshold(1000, 0.9, 10, warm, SmoothingSettings(likelihood=0.99999))
+    assert t.value == pytest.approx(warm.mean() + 4.2649 * warm.std(), rel=1e-4)
+    assert t.judge(np.array([warm.mean(), t.value * 1.01])).tolist() == [False, True]
+
+
+def test_likelihood_learns_every_score_so_a_lasting_level_stops_alerting() -> None:
+    warm = np.random.default_rng(2).normal(1.0, 0.1, 200)
+    s = SmoothingSettings(likelihood=0.99999)
+    t = SmoothedThreshold(400, 0.99, 10, warm, s)
+    shifted = np.full(400, 5.0)
+    flags = np.concatenate([t.judge(shifted[k : k + 10]) for k in range(0, 400, 10)])
+    assert flags[:10].all()  # the new level alerts at first ...
+    assert not flags[-100:].any()  # ... and is normal once it fills the window
+    quantile = SmoothedThreshold(400, 0.99, 10, warm, SmoothingSettings())
+    kept = np.concatenate([quantile.judge(shifted[k : k + 10]) for k in range(0, 400, 10)])
+    assert kept.all()  # the quantile rule learns alerted scores clipped: it never rises
+
+
+def test_likelihood_on_a_flat_warm_start_still_has_a_finite_threshold() -> None:
+    t = SmoothedThreshold(100, 0.9, 10, np.full(100, 2.0), SmoothingSettings(likelihood=0.999))
+    assert 2.0 < t.value < 2.01
+    assert t.judge(np.array([2.0, 2.1])).tolist() == [False, True]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"mean_rows": 0}, "mean_rows"),
+        ({"mean_rows": 5, "ewma_alpha": 0.5}, "mean_rows"),
+        ({"likelihood": 0.3}, "likelihood"),
+        ({"likelihood": 1.0}, "likelihood"),
+        ({"likelihood": 0.999, "cooldown_rows": 5, "learn_in_cooldown": True}, "learn_in_cooldown"),
+    ],
+)
+def test_smoothing_settings_name_the_bad_field(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=f"smoothing.{field}"):
+        SmoothingSettings(**kwargs)
 
 
 # -- end to end --------------------------------------------------------------------------------
