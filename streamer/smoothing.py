@@ -140,6 +140,7 @@ class SmoothedThreshold(RollingQuantileThreshold):
         self.settings = settings
         self._z = NormalDist().inv_cdf(settings.likelihood) if settings.likelihood else 0.0
         self._recent = np.empty(0)  # the last mean_rows - 1 raw scores
+        self._mean, self._std = 0.0, 1.0  # the likelihood's normal fit (set by _refresh)
         self._level: float | None = None
         if warm_start is not None and warm_start.size:
             # Start live smoothing from a typical normal level, not from one held-out row.
@@ -157,6 +158,10 @@ class SmoothedThreshold(RollingQuantileThreshold):
         self._run = 0  # consecutive rows above threshold so far
         self._quiet = 0  # cooldown rows left
         self.last_smoothed = np.empty(0)
+        # With `likelihood`: each judged row's z = (score - mean) / std against the window it
+        # was judged by (-inf while the window is short). Alerts at another level are
+        # `shape(last_z > z_level & score > floor)`, since learning does not depend on alerts.
+        self.last_z = np.empty(0)
 
     def judge(self, scores: np.ndarray) -> np.ndarray:
         """Smooth, compare with the threshold (learning unless frozen), then shape alerts."""
@@ -174,6 +179,12 @@ class SmoothedThreshold(RollingQuantileThreshold):
         learning = self.learn and (not s.frozen or self.count < self.min_samples)
         value = self.value
         above = smoothed > value
+        if s.likelihood:
+            self.last_z = (
+                (smoothed - self._mean) / self._std
+                if np.isfinite(value)
+                else np.full(smoothed.size, -np.inf)
+            )
         flags, cooling = self._shape(above & (smoothed > self.floor))
         if learning and s.likelihood:
             self.observe(smoothed)
@@ -192,24 +203,40 @@ class SmoothedThreshold(RollingQuantileThreshold):
             self.value = math.inf
             return
         held = self._ring[: self.count]
-        mean = float(held.mean())
-        std = max(float(held.std()), MIN_RELATIVE_STD * abs(mean), 1e-12)
-        self.value = mean + self._z * std
+        self._mean = float(held.mean())
+        self._std = max(float(held.std()), MIN_RELATIVE_STD * abs(self._mean), 1e-12)
+        self.value = self._mean + self._z * self._std
 
     def _shape(self, above: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Alerts after min_consecutive and cooldown; also which rows were in a cooldown."""
         s = self.settings
-        cooling = np.zeros(above.size, dtype=bool)
-        if s.min_consecutive == 1 and s.cooldown_rows == 0:
-            return above, cooling
-        out = np.zeros(above.size, dtype=bool)
-        for i, up in enumerate(above.tolist()):
-            self._run = self._run + 1 if up else 0
-            if self._quiet > 0:
-                self._quiet -= 1
-                cooling[i] = True
-                continue
-            if self._run >= s.min_consecutive:
-                out[i] = True
-                self._quiet = s.cooldown_rows
-        return out, cooling
+        flags, cooling, self._run, self._quiet = shape(
+            above, s.min_consecutive, s.cooldown_rows, self._run, self._quiet
+        )
+        return flags, cooling
+
+
+def shape(
+    above: np.ndarray, min_consecutive: int, cooldown_rows: int, run: int = 0, quiet: int = 0
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Rows above threshold -> alerts: only the `min_consecutive`-th row of a run alerts, then
+    `cooldown_rows` rows stay quiet. `run` and `quiet` carry the state between batches; returns
+    (alerts, rows in a cooldown, run, quiet).
+
+    >>> shape(np.array([1, 1, 1, 1, 0, 1], dtype=bool), 2, 1)[0].tolist()
+    [False, True, False, True, False, False]
+    """
+    cooling = np.zeros(above.size, dtype=bool)
+    if min_consecutive == 1 and cooldown_rows == 0:
+        return above, cooling, run, quiet
+    out = np.zeros(above.size, dtype=bool)
+    for i, up in enumerate(above.tolist()):
+        run = run + 1 if up else 0
+        if quiet > 0:
+            quiet -= 1
+            cooling[i] = True
+            continue
+        if run >= min_consecutive:
+            out[i] = True
+            quiet = cooldown_rows
+    return out, cooling, run, quiet

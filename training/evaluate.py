@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Literal
 
 import msgspec
@@ -43,7 +44,7 @@ from streamer.config import (
 from streamer.features import FeatureSpec
 from streamer.labels import deliveries
 from streamer.records import Alert, RawMessage
-from streamer.smoothing import SmoothedThreshold, SmoothingSettings
+from streamer.smoothing import SmoothedThreshold, SmoothingSettings, shape
 from training import nab
 from training.adapters import DataSettings, Series, load
 from training.baselines import BaselineSettings, b1, b2
@@ -87,6 +88,10 @@ class ReplaySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class MetricSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     nab: bool = False  # NAB score (needs windows or label runs; NAB's probation rule)
+    # Likelihood levels for NAB's threshold choice, held out: with two folds of files
+    # (alternate files in name order), each fold is scored at the level that is best on the
+    # other (detectors with smoothing.likelihood; empty: off).
+    nab_cv_levels: list[float] = msgspec.field(default_factory=list)
     alert_rate: float | None = None  # also rank test rows by score: recall at this alert rate
     # Groups that no setting was chosen on: their pooled point metrics are reported apart.
     held_out_groups: list[str] = msgspec.field(default_factory=list)
@@ -126,6 +131,12 @@ class EvalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         names = [d.name for d in self.detectors]
         if len(set(names)) != len(names):
             raise ValueError("detector names must be unique")
+        if self.metrics.nab_cv_levels:
+            if not all(0.5 < q < 1.0 for q in self.metrics.nab_cv_levels):
+                raise ValueError("metrics.nab_cv_levels must be in (0.5, 1)")
+            if any(d.smoothing and d.smoothing.margin for d in self.detectors):
+                # The margin's floor is not kept per row, so alerts at other levels are unknown.
+                raise ValueError("metrics.nab_cv_levels does not work with smoothing.margin")
 
 
 def load_config(path: str | Path) -> EvalConfig:
@@ -152,6 +163,7 @@ class Run:
     flags: np.ndarray
     thresholds: np.ndarray  # NaN while the detector flags nothing (below min_samples)
     raw_scores: np.ndarray | None = None  # the pipeline's own score when `scores` is smoothed
+    z: np.ndarray | None = None  # smoothing.likelihood: each row's z against its window
     top_alerts: list[tuple[float, str, Alert]] = field(default_factory=list)
     dead_letters: int = 0
 
@@ -212,6 +224,8 @@ def replay(
     smoothed = isinstance(pipeline.threshold, SmoothedThreshold)
     if smoothed:
         run.raw_scores = np.full(m, np.nan)
+        if pipeline.threshold.settings.likelihood:
+            run.z = np.full(m, -np.inf)
     encode = msgspec.json.Encoder().encode
     topic = series.name
     heap: list[tuple[float, int, Alert]] = []
@@ -254,6 +268,8 @@ def replay(
             assert run.raw_scores is not None
             run.raw_scores[kept] = result.scores
             run.scores[kept] = pipeline.threshold.last_smoothed
+            if run.z is not None:
+                run.z[kept] = pipeline.threshold.last_z
         else:
             run.scores[kept] = result.scores
         if np.isfinite(result.threshold):
@@ -382,6 +398,8 @@ def evaluate(config: EvalConfig, out_dir: Path) -> tuple[dict[str, Any], dict[st
     }
     for name, det in zip([d.name for d in config.detectors], config.detectors, strict=True):
         detectors[name]["settings"] = msgspec.to_builtins(det)
+        if config.metrics.nab_cv_levels and det.smoothing and det.smoothing.likelihood:
+            detectors[name]["nab_cv"] = nab_cv(config, det.smoothing, series_list, runs[name])
     timings["total_seconds"] = time.monotonic() - started
     top = sorted(
         (a for r in runs[config.detectors[0].name] for a in r.top_alerts), key=lambda x: -x[0]
@@ -568,6 +586,45 @@ def summarize(config: EvalConfig, series_list: list[Series], rs: list[Run]) -> d
     return out
 
 
+def nab_cv(
+    config: EvalConfig, smoothing: SmoothingSettings, series_list: list[Series], rs: list[Run]
+) -> dict[str, Any]:
+    """NAB scores at each of `metrics.nab_cv_levels`, and held out: each file scored at the
+    level chosen on the other fold. The alerts at a level are recomputed from the rows' z
+    (the likelihood rule learns every score, so its windows do not depend on the alerts)."""
+    levels = config.metrics.nab_cv_levels
+    z_levels = [NormalDist().inv_cdf(q) for q in levels]
+    files = sorted(range(len(series_list)), key=lambda i: series_list[i].name)
+    folds = np.empty(len(series_list), dtype=int)
+    folds[files] = np.arange(len(files)) % 2
+    raw = {p.name: np.zeros((len(series_list), len(levels))) for p in nab.PROFILES}
+    windows = np.zeros(len(series_list), dtype=int)
+    for f, (s, r) in enumerate(zip(series_list, rs, strict=True)):
+        assert r.z is not None
+        file_windows = [nab.Window(a, b) for a, b in (s.windows or _label_runs(s.labels))]
+        for k, zl in enumerate(z_levels):
+            flags = np.zeros(s.n, dtype=bool)
+            flags[s.n_train :] = shape(
+                r.z > zl, smoothing.min_consecutive, smoothing.cooldown_rows
+            )[0]
+            for p in nab.PROFILES:
+                fs = nab.score_file(flags, file_windows, p)
+                raw[p.name][f, k] = fs.raw
+                windows[f] = fs.windows
+    out: dict[str, Any] = {"levels": levels, "folds": 2}
+    for p in nab.PROFILES:
+        cv = nab.cross_validated(raw[p.name], windows, folds, p)
+        by_level = [nab.normalised(float(t), int(windows.sum()), p) for t in raw[p.name].sum(0)]
+        out[p.name] = {
+            "score": cv.score,
+            "chosen_levels": [levels[k] for k in cv.chosen],
+            "in_sample_score": cv.in_sample_score,
+            "in_sample_level": levels[cv.in_sample_setting],
+            "by_level": by_level,
+        }
+    return out
+
+
 def _label_runs(labels: np.ndarray) -> list[tuple[int, int]]:
     from training.quality import runs
 
@@ -637,6 +694,8 @@ def save_arrays(arrays: dict[str, Any], path: Path) -> None:
             out[f"{k}/{d}/thresholds"] = r.thresholds
             if r.raw_scores is not None:
                 out[f"{k}/{d}/raw_scores"] = r.raw_scores
+            if r.z is not None:
+                out[f"{k}/{d}/z"] = r.z
     names = np.array([s.name for s in arrays["series"]])
     detectors = np.array(list(arrays["runs"]))
     out["series"], out["detectors"] = names, detectors

@@ -10,10 +10,18 @@ import msgspec
 import numpy as np
 import pytest
 
+from streamer.config import ThresholdSettings
 from streamer.smoothing import SmoothedThreshold, SmoothingSettings, ewma
 from training.adapters import DataSettings, SplitSettings, load, snake
-from training.baselines import rolling_z
-from training.evaluate import EvalConfigError, load_config, main
+from training.baselines import BaselineSettings, rolling_z
+from training.evaluate import (
+    DetectorSettings,
+    EvalConfigError,
+    MetricSettings,
+    evaluate,
+    load_config,
+    main,
+)
 from training.quality import average_precision, event_counts, point_counts, recall_at_rate
 
 
@@ -428,6 +436,43 @@ def test_evaluate_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert result["top_alerts"] and result["top_alerts"][0]["top_features"]
     html = (out / "report.html").read_text()
     assert html.count("<img") >= 3 and "synthetic" in html
+
+
+def test_nab_levels_recomputed_from_z_match_replays_at_those_levels(tmp_path: Path) -> None:
+    config = load_config(synthetic(tmp_path))
+    levels = [0.6, 0.99, 0.99999]
+    dets = [
+        DetectorSettings(
+            name=f"likelihood {q}",
+            threshold=ThresholdSettings(window_size=500, min_samples=20),
+            smoothing=SmoothingSettings(likelihood=q, mean_rows=3, cooldown_rows=5),
+        )
+        for q in levels
+    ]
+    config = msgspec.structs.replace(
+        config,
+        detectors=dets,
+        metrics=MetricSettings(nab=True, nab_cv_levels=levels),
+        baselines=BaselineSettings(b1=False, b2=False, all_rows=False),
+    )
+    result, _ = evaluate(config, tmp_path / "out")
+    replayed = [result["detectors"][d.name]["nab"] for d in dets]
+    assert len({r["fp"] for r in replayed}) > 1  # the levels differ in what they alert
+    for d in dets:  # every detector's recomputation matches every level's own replay
+        cv = result["detectors"][d.name]["nab_cv"]
+        for profile in ("standard", "reward_low_FP_rate", "reward_low_FN_rate"):
+            assert cv[profile]["by_level"] == pytest.approx([r[profile] for r in replayed])
+            assert len(cv[profile]["chosen_levels"]) == 2
+            assert cv[profile]["in_sample_score"] == pytest.approx(max(cv[profile]["by_level"]))
+            assert cv[profile]["score"] <= cv[profile]["in_sample_score"] + 1e-9
+
+
+def test_nab_cv_levels_refuse_a_margin(tmp_path: Path) -> None:
+    config = synthetic(tmp_path)
+    text = config.read_text().replace("min_consecutive = 2", "min_consecutive = 2, margin = 2.0")
+    config.write_text(text.replace("nab = true", "nab = true, nab_cv_levels = [0.999]"))
+    with pytest.raises(EvalConfigError, match="nab_cv_levels"):
+        load_config(config)
 
 
 def test_replay_delivers_labels_at_their_time_and_matches_training_features() -> None:
