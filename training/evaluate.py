@@ -719,6 +719,9 @@ def headline(result: dict[str, Any]) -> str:
                 f" | NAB {n['standard']:.1f} / {n['reward_low_FP_rate']:.1f} / "
                 f"{n['reward_low_FN_rate']:.1f}"
             )
+        if "nab_cv" in d:
+            cv = [d["nab_cv"][prof.name]["score"] for prof in nab.PROFILES]
+            text += " | level held out: NAB " + " / ".join(f"{v:.1f}" for v in cv)
         if "held_out" in d:
             h = d["held_out"]
             text += f" | held-out F1 {h['f1']:.3f} FAR {100 * h['far']:.2f}%"

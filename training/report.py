@@ -74,6 +74,13 @@ def summary_table(result: dict[str, Any]) -> str:
             cells += [_fmt(r.get("average_precision")), _fmt(r.get("recall"))]
         cls = "ours" if d["kind"] == "ours" else ""
         rows.append(f'<tr class="{cls}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        if "nab_cv" in d:  # the same scores, each file at the level chosen on the other fold
+            cv = d["nab_cv"]
+            cells = [html.escape(f"{name}, level held out (2 folds)")] + ["-"] * 10
+            cells += [_fmt(cv[k]["score"], 1) for k in
+                      ("standard", "reward_low_FP_rate", "reward_low_FN_rate")]  # fmt: skip
+            cells += ["-", "-"] if has_rate else []
+            rows.append('<tr class="ours">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     for pub in result.get("published", []):
         v = pub["values"]
         cells = [html.escape(f"{pub['name']} (published)"), _fmt(v.get("precision")),

@@ -23,6 +23,7 @@ from training.evaluate import (
     main,
 )
 from training.quality import average_precision, event_counts, point_counts, recall_at_rate
+from training.report import write_report
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[object]], sep: str = ",") -> None:
@@ -455,7 +456,7 @@ def test_nab_levels_recomputed_from_z_match_replays_at_those_levels(tmp_path: Pa
         metrics=MetricSettings(nab=True, nab_cv_levels=levels),
         baselines=BaselineSettings(b1=False, b2=False, all_rows=False),
     )
-    result, _ = evaluate(config, tmp_path / "out")
+    result, arrays = evaluate(config, tmp_path / "out")
     replayed = [result["detectors"][d.name]["nab"] for d in dets]
     assert len({r["fp"] for r in replayed}) > 1  # the levels differ in what they alert
     for d in dets:  # every detector's recomputation matches every level's own replay
@@ -465,6 +466,8 @@ def test_nab_levels_recomputed_from_z_match_replays_at_those_levels(tmp_path: Pa
             assert len(cv[profile]["chosen_levels"]) == 2
             assert cv[profile]["in_sample_score"] == pytest.approx(max(cv[profile]["by_level"]))
             assert cv[profile]["score"] <= cv[profile]["in_sample_score"] + 1e-9
+    write_report(result, arrays, config, tmp_path / "report.html")
+    assert "level held out (2 folds)" in (tmp_path / "report.html").read_text()
 
 
 def test_nab_cv_levels_refuse_a_margin(tmp_path: Path) -> None:
