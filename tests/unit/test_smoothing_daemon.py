@@ -150,6 +150,46 @@ def test_a_replay_leaves_the_smoothing_state_alone(orders_bundle: bundles.Bundle
     )
 
 
+def test_a_false_positive_factor_keeps_the_cooldown(orders_bundle: bundles.Bundle) -> None:
+    """Control re-judges an entity with a feedback factor on the smoothed score, and the
+    factor can only drop alerts: the spike at 320, inside the cooldown, stays silent."""
+    s = settings(COOLDOWN, control={"topic": "ctl"})
+    d = Detector(s)
+    d._serve(orders_bundle, orders_bundle.load_scorer())
+    assert d._control is not None and d._pipeline is not None
+    d._control.apply_feedback(b'{"type": "false_positive", "entity": "c-spike"}', None)
+    stream = spiky_stream()
+    alerts, judged_against = [], []
+    for i in range(0, len(stream), 50):
+        result = d._pipeline.process(stream[i : i + 50])
+        alerts += result.alerts
+        judged_against += [result.threshold] * len(result.alerts)
+    assert offsets(alerts) == [300, 500]
+    factor = s.control.false_positive_factor
+    assert [a.threshold for a in alerts] == pytest.approx([factor * t for t in judged_against])
+
+
+def test_a_fixed_override_judges_the_smoothed_score(orders_bundle: bundles.Bundle) -> None:
+    """An entity's fixed threshold is compared with the score the threshold compared (on
+    the smoothed scale), without the run length or cooldown (a decision of its own)."""
+    stream = spiky_stream()
+    plain = build_pipeline(settings(), orders_bundle, orders_bundle.load_scorer())
+    raw = plain.process(stream[:301]).scores[300]  # the spike's own score
+    d = Detector(settings(COOLDOWN, control={"topic": "ctl"}))
+    d._serve(orders_bundle, orders_bundle.load_scorer())
+    assert d._control is not None and d._pipeline is not None
+    # Above the spike's smoothed score (half of it plus half the level before), below its own.
+    value = 0.75 * raw
+    d._control.apply_control(
+        b'{"action": "set_entity_threshold", "entity": "c-spike", "value": %f}' % value
+    )
+    assert offsets(feed(d._pipeline, stream)) == []
+    d._control.apply_control(
+        b'{"action": "set_entity_threshold", "entity": "c-spike", "value": %f}' % (value / 4)
+    )
+    assert offsets(feed(d._pipeline, stream)) == list(SPIKES)  # no cooldown for it
+
+
 def test_runtime_reconfigure_keeps_the_smoothing_state(orders_bundle: bundles.Bundle) -> None:
     s = settings({"ewma_alpha": 0.5, "cooldown_rows": 100, "margin": 1.0}, control={"topic": "c"})
     d = Detector(s)
