@@ -156,6 +156,11 @@ class Detector:
                 "label feedback feeds; set the topic the labels arrive on"
             )
         self._serve(*self._load_bundle(Path(s.model.bundle)))
+        if s.smoothing is not None:
+            log.info(
+                "threshold smoothing on, one state over every event this replica scores "
+                "(right for a single-source feed): %s", s.smoothing,
+            )  # fmt: skip
         # Health and metrics first, so an orchestrator sees a live, not-ready process while
         # Kafka is away.
         self._server = StatusServer(
