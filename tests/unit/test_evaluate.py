@@ -12,7 +12,7 @@ import pytest
 from streamer.smoothing import SmoothedThreshold, SmoothingSettings, ewma
 from training.adapters import DataSettings, SplitSettings, load, snake
 from training.baselines import rolling_z
-from training.evaluate import DetectorSettings, EvalConfigError, load_config, main
+from training.evaluate import EvalConfigError, load_config, main
 from training.quality import average_precision, event_counts, point_counts, recall_at_rate
 
 
@@ -274,15 +274,6 @@ def test_margin_needs_a_warm_start() -> None:
     )
     assert small.value == float("inf")
     assert small.floor == pytest.approx(2.0 * np.quantile(np.linspace(0.0, 1.0, 20), 0.9))
-
-
-def test_detectors_refuse_what_the_daemon_config_refuses() -> None:
-    ok = {"name": "q0.95 + EWMA 0.1", "threshold": {"quantile": 0.95}}
-    det = msgspec.convert({**ok, "smoothing": {"ewma_alpha": 0.1}}, DetectorSettings)
-    assert det.smoothing == SmoothingSettings(ewma_alpha=0.1)
-    bad = {**ok, "threshold": {"per_entity": True}, "smoothing": {"ewma_alpha": 0.1}}
-    with pytest.raises(msgspec.ValidationError, match=r"threshold\.per_entity"):
-        msgspec.convert(bad, DetectorSettings)
 
 
 def test_min_consecutive_and_cooldown_shape_alerts() -> None:

@@ -18,6 +18,7 @@ from streamer.pipeline import Pipeline
 from streamer.records import Alert, RawMessage
 from streamer.smoothing import SmoothedThreshold, SmoothingSettings
 from streamer.threshold import RollingQuantileThreshold
+from training.evaluate import DetectorSettings
 from training.simulate import simulate
 
 SPIKES = (300, 320, 500)  # absurd orders; with a 100-row cooldown the one at 320 is silent
@@ -225,3 +226,12 @@ def test_margin_refuses_a_bundle_without_warm_start(
     monkeypatch.setattr(bundles, "load", load)
     with pytest.raises(bundles.BundleError, match=r"smoothing\.margin"):
         d._load_bundle(orders_bundle.path)
+
+
+def test_evaluator_detectors_refuse_what_the_daemon_config_refuses() -> None:
+    ok = {"name": "q0.95 + EWMA 0.1", "threshold": {"quantile": 0.95}}
+    det = msgspec.convert({**ok, "smoothing": {"ewma_alpha": 0.1}}, DetectorSettings)
+    assert det.smoothing == SmoothingSettings(ewma_alpha=0.1)
+    bad = {**ok, "threshold": {"per_entity": True}, "smoothing": {"ewma_alpha": 0.1}}
+    with pytest.raises(msgspec.ValidationError, match=r"threshold\.per_entity"):
+        msgspec.convert(bad, DetectorSettings)
