@@ -37,6 +37,7 @@ from streamer.metrics import CONTROL_ACTIONS, REJECT_REASONS, Heartbeat, Metrics
 from streamer.pipeline import BatchResult, Pipeline
 from streamer.records import ModelRef, RawMessage
 from streamer.shadow import Decision, ShadowStats, decide
+from streamer.smoothing import SmoothedThreshold
 from streamer.state import EntityState
 from streamer.threshold import RollingQuantileThreshold
 
@@ -53,10 +54,23 @@ BACKOFF_START_SECONDS = 0.5
 def build_pipeline(
     settings: Settings, bundle: bundles.Bundle, scorer: Any, control: ControlState | None = None
 ) -> Pipeline:
+    """The daemon's pipeline for a bundle; the evaluator builds its detectors with it too.
+
+    With `[smoothing]` the global threshold is a SmoothedThreshold, started from the bundle's
+    warm start like the plain one; each call builds a fresh one (no shared smoothing state:
+    a reload or a shadowed candidate starts its EWMA level, run and cooldown anew).
+    """
     t = settings.threshold
-    threshold = RollingQuantileThreshold(
-        t.window_size, t.quantile, t.min_samples, bundle.warm_start, learn=t.learn
-    )
+    threshold: RollingQuantileThreshold
+    if settings.smoothing is None:
+        threshold = RollingQuantileThreshold(
+            t.window_size, t.quantile, t.min_samples, bundle.warm_start, learn=t.learn
+        )
+    else:
+        threshold = SmoothedThreshold(
+            t.window_size, t.quantile, t.min_samples, bundle.warm_start, settings.smoothing
+        )
+        threshold.learn = t.learn  # false: never learns (its EWMA and shaping still run)
     return Pipeline(
         spec=bundle.spec,
         scaler=bundle.scaler,
@@ -142,6 +156,11 @@ class Detector:
                 "label feedback feeds; set the topic the labels arrive on"
             )
         self._serve(*self._load_bundle(Path(s.model.bundle)))
+        if s.smoothing is not None:
+            log.info(
+                "threshold smoothing on, one state over every event this replica scores "
+                "(right for a single-source feed): %s", s.smoothing,
+            )  # fmt: skip
         # Health and metrics first, so an orchestrator sees a live, not-ready process while
         # Kafka is away.
         self._server = StatusServer(
@@ -163,6 +182,12 @@ class Detector:
     def _load_bundle(self, path: Path) -> tuple[bundles.Bundle, Any]:
         """Load, verify (hashes, feature spec, parity) and warm up; raises BundleError."""
         bundle = bundles.load(path, expected_spec=self.settings.spec)
+        smoothing = self.settings.smoothing
+        if smoothing is not None and smoothing.margin > 0 and not bundle.warm_start.size:
+            raise bundles.BundleError(
+                f"{bundle.path}: smoothing.margin needs the bundle's warm start (held-out "
+                "errors), and it has none"
+            )
         scorer = bundle.load_scorer(self.settings.model.runtime)
         # Trace the model's graph now, so the first batch does not pay for it after /readyz.
         steps = (scorer.window_length,) if scorer.window_length else ()

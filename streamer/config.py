@@ -21,6 +21,7 @@ import msgspec
 
 from streamer.features import FeatureSpec
 from streamer.profiles import BUILTIN
+from streamer.smoothing import SmoothingSettings
 
 ENV_PREFIX = "STREAMER_"
 
@@ -315,6 +316,11 @@ class Settings(_Section, frozen=True):
     features: FeatureSpec | None = None
     batch: BatchSettings = msgspec.field(default_factory=BatchSettings)
     threshold: ThresholdSettings = msgspec.field(default_factory=ThresholdSettings)
+    # Score smoothing and alert shaping around the global threshold (streamer/smoothing.py:
+    # ewma_alpha, frozen, margin, min_consecutive, cooldown_rows, learn_in_cooldown). Absent:
+    # none. Its state is one over the stream in the order this replica scores it: for a
+    # single-source feed (one sensor, one pump), not for interleaved entities.
+    smoothing: SmoothingSettings | None = None
     state: StateSettings = msgspec.field(default_factory=StateSettings)
     incidents: IncidentSettings = msgspec.field(default_factory=IncidentSettings)
     control: ControlSettings = msgspec.field(default_factory=ControlSettings)
@@ -330,6 +336,7 @@ class Settings(_Section, frozen=True):
             raise ValueError("set exactly one of `profile` (built-in) and a `[features]` table")
         if self.profile is not None and self.profile not in BUILTIN:
             raise ValueError(f"profile {self.profile!r} is not one of {sorted(BUILTIN)}")
+        check_smoothing(self.threshold, self.smoothing)
 
     @property
     def spec(self) -> FeatureSpec:
@@ -337,6 +344,21 @@ class Settings(_Section, frozen=True):
             return self.features
         assert self.profile is not None
         return BUILTIN[self.profile]
+
+
+def check_smoothing(threshold: ThresholdSettings, smoothing: SmoothingSettings | None) -> None:
+    """Refuse smoothing where it cannot work (ValueError naming the field); the daemon's
+    Settings and the evaluator's detectors both check with this."""
+    if smoothing is None:
+        return
+    if threshold.per_entity:
+        raise ValueError(
+            "smoothing needs threshold.per_entity = false: an entity's own threshold judges "
+            "its raw scores and replaces the smoothed global decision, and the smoothing state "
+            "is one over the whole stream, not one per entity"
+        )
+    if smoothing.learn_in_cooldown and not threshold.learn:
+        raise ValueError("smoothing.learn_in_cooldown needs threshold.learn = true")
 
 
 def read_toml(path: Path) -> dict[str, Any]:

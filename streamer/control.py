@@ -254,5 +254,8 @@ class ControlState:
                 continue
             value = (used[i] if base is None else base) * (factor or 1.0)
             used[i] = value
-            flagged[i] = scores[i] > value
+            # A factor alone only raises the threshold the event was judged against: it can
+            # drop an alert, never add one (a smoothed threshold's cooldown or run length
+            # still holds). A fixed override judges the score anew.
+            flagged[i] = scores[i] > value and (base is not None or flagged[i])
         return flagged, used

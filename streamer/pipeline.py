@@ -32,6 +32,7 @@ from streamer.records import (
 )
 from streamer.scaler import StandardScaler
 from streamer.scoring import Scorer, reconstruction_errors
+from streamer.smoothing import SmoothedThreshold
 from streamer.state import EntityState
 from streamer.threshold import RollingQuantileThreshold
 
@@ -140,12 +141,17 @@ class Pipeline:
         else:
             flagged = self.threshold.judge(scores)
             used = np.full(scores.size, judged_against)
+        # The score the threshold compared: smoothed with [smoothing], except in a replay
+        # (which leaves the smoothing state alone). Control re-judges on the same scale.
+        judged = scores
+        if not replay and isinstance(self.threshold, SmoothedThreshold):
+            judged = self.threshold.last_smoothed
         if self.state.thresholds is not None:
             # The entity's own threshold replaces the global one once it has enough scores.
             flagged, used = self.state.thresholds.judge(scored_keys, scores, judged_against)
         if self.control is not None and self.control.active:
             # Mutes, fixed overrides and feedback-raised thresholds have the last word.
-            flagged, used = self.control.adjust([keys[i] for i in rows], scores, flagged, used)
+            flagged, used = self.control.adjust([keys[i] for i in rows], judged, flagged, used)
         t5 = clock()
         if replay and self.state.incidents is None:
             return BatchResult(len(messages), [], dead, scores, judged_against)

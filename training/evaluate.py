@@ -7,7 +7,8 @@ What runs is what the daemon runs: `training.fit.fit_bundle` writes a bundle, wh
 loaded and verified with `streamer.bundle.load`, and `streamer.app.build_pipeline` builds the
 `Pipeline` that turns batches of `RawMessage` (JSON bytes) into alerts; only Kafka is left
 out. Each detector variant in the config gets its own pipeline per series (the threshold
-has state), on the same bundle. Baselines B1 and B2 (`training.baselines`) run on the same
+has state), on the same bundle; its `threshold` and `smoothing` are the daemon's
+`[threshold]` and `[smoothing]` sections. Baselines B1 and B2 (`training.baselines`) run on the same
 rows in the same run. The output directory gets `result.json`, `report.html` and the
 bundles.
 """
@@ -39,6 +40,7 @@ from streamer.config import (
     Settings,
     ThresholdSettings,
     TrainingSettings,
+    check_smoothing,
     read_toml,
 )
 from streamer.features import FeatureSpec
@@ -66,11 +68,14 @@ class EvalConfigError(Exception):
 
 
 class DetectorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One variant of our detector: the daemon's threshold, optionally smoothed and shaped."""
+    """One variant of our detector: the daemon's `[threshold]` and optional `[smoothing]`."""
 
     name: str
     threshold: ThresholdSettings = msgspec.field(default_factory=ThresholdSettings)
     smoothing: SmoothingSettings | None = None
+
+    def __post_init__(self) -> None:
+        check_smoothing(self.threshold, self.smoothing)  # what the daemon's config refuses
 
 
 class ReplaySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -294,6 +299,7 @@ def _settings(config: EvalConfig, detector: DetectorSettings, bundle_path: Path)
         model=ModelSettings(bundle=str(bundle_path)),
         features=config.features,
         threshold=detector.threshold,
+        smoothing=detector.smoothing,
         alerts=AlertSettings(top_features=3),
         training=config.training,
     )
@@ -303,22 +309,10 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "series"
 
 
-def build_detector_pipeline(settings: Settings, bundle: Any, scorer: Any, smoothing: Any) -> Any:
-    """The daemon's pipeline; with `smoothing`, its threshold is swapped for SmoothedThreshold."""
-    from streamer.app import build_pipeline
-
-    pipeline = build_pipeline(settings, bundle, scorer)
-    if smoothing is not None:
-        t = settings.threshold
-        pipeline.threshold = SmoothedThreshold(
-            t.window_size, t.quantile, t.min_samples, bundle.warm_start, smoothing
-        )
-    return pipeline
-
-
 def evaluate(config: EvalConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train, replay, score. Returns (result for JSON, in-memory arrays for the report)."""
     from streamer import bundle as bundles
+    from streamer.app import build_pipeline
     from training.fit import fit_bundle
 
     started = time.monotonic()
@@ -372,7 +366,7 @@ def evaluate(config: EvalConfig, out_dir: Path) -> tuple[dict[str, Any], dict[st
         for s in series_list:
             b, scorer = bundle_of[s.name]
             settings = _settings(config, det, b.path)
-            pipeline = build_detector_pipeline(settings, b, scorer, det.smoothing)
+            pipeline = build_pipeline(settings, b, scorer)  # smoothed as the daemon would
             runs[det.name].append(
                 replay(
                     pipeline,

@@ -18,6 +18,7 @@ import msgspec
 import pytest
 
 from streamer import bundle as bundles
+from streamer.app import build_pipeline
 from tests.integration.conftest import (
     Daemon,
     Topics,
@@ -26,6 +27,7 @@ from tests.integration.conftest import (
     produce,
     read_topic,
 )
+from tests.unit.test_smoothing_daemon import SPIKES, feed, settings, spiky_stream
 from training.simulate import simulate
 
 pytestmark = pytest.mark.integration
@@ -235,3 +237,32 @@ def test_second_replica_joining_mid_stream_loses_nothing(
     assert total >= len(values)  # replays after the rebalance may add some
     assert second.metric("anomaly_events_consumed_total") > 0
     assert first.stop() == 0 and second.stop() == 0
+
+
+def test_smoothing_from_the_config_alerts_as_the_evaluator_does(
+    kafka_bootstrap: str,
+    topics: Topics,
+    start_daemon: Callable[..., Daemon],
+    orders_registry: Path,
+) -> None:
+    """[smoothing] end to end: one feed (one key, so one partition, in order), three spikes;
+    the one inside the first's cooldown is silent, as in the evaluator's pipeline."""
+    # learn = false: decisions do not depend on how the daemon cuts its batches.
+    smoothing = {"ewma_alpha": 0.5, "cooldown_rows": 100}
+    daemon = start_daemon(
+        extra="[threshold]\nquantile = 0.999\nmin_samples = 100\nlearn = false\n"
+        "[smoothing]\newma_alpha = 0.5\ncooldown_rows = 100\n"
+    )
+    daemon.wait_ready()
+    stream = spiky_stream()
+    produce(kafka_bootstrap, topics.input, [m.value for m in stream], [b"pump-1"] * len(stream))
+    assert daemon.wait_metric("anomaly_events_consumed_total", len(stream)) == len(stream)
+    assert daemon.stop() == 0
+    alerts = [json.loads(r.value) for r in read_topic(kafka_bootstrap, topics.alerts)]
+    got = sorted(a["source"]["offset"] for a in alerts)
+    bundle = bundles.load(orders_registry)
+    s = settings(smoothing, threshold={"quantile": 0.999, "min_samples": 100, "learn": False})
+    expected = [
+        a.source.offset for a in feed(build_pipeline(s, bundle, bundle.load_scorer()), stream)
+    ]
+    assert got == expected == [SPIKES[0], SPIKES[2]]

@@ -1,8 +1,10 @@
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from streamer import config
+from streamer.smoothing import SmoothingSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = {
@@ -51,11 +53,60 @@ def test_defaults_and_env_overrides() -> None:
         ({"metrics": {"port": 70000}}, r"metrics\.port"),
         ({"features": {"profile": "x"}}, r"field `entity_field` - at `\$\.features`"),
         ({"features": SPEC}, r"exactly one of `profile`"),
+        ({"smoothing": {"ewma_alpha": 0}}, r"smoothing\.ewma_alpha must be in \(0, 1\]"),
+        ({"smoothing": {"ewma_alpha": 1.5}}, r"smoothing\.ewma_alpha must be in \(0, 1\]"),
+        ({"smoothing": {"ewma_alpha": "fast"}}, r"\$\.smoothing\.ewma_alpha"),
+        ({"smoothing": {"margin": -1.0}}, r"smoothing\.margin must be >= 0"),
+        ({"smoothing": {"min_consecutive": 0}}, r"smoothing\.min_consecutive must be >= 1"),
+        ({"smoothing": {"cooldown_rows": -1}}, r"smoothing\.cooldown_rows must be >= 0"),
+        ({"smoothing": {"alpha": 0.1}}, r"unknown field `alpha` - at `\$\.smoothing`"),
+        ({"smoothing": {"learn_in_cooldown": True}}, r"smoothing\.learn_in_cooldown needs"),
+        ({"smoothing": 0.1}, r"\$\.smoothing"),
+        # Refused combinations name both sides.
+        (
+            {"smoothing": {}, "threshold": {"per_entity": True}},
+            r"smoothing needs threshold\.per_entity = false",
+        ),
+        (
+            {
+                "smoothing": {"cooldown_rows": 10, "learn_in_cooldown": True},
+                "threshold": {"learn": False},
+            },
+            r"smoothing\.learn_in_cooldown needs threshold\.learn = true",
+        ),
     ],
 )
 def test_errors_name_the_field(patch: dict, named: str) -> None:
     with pytest.raises(config.ConfigError, match=named):
         config.from_mapping({**MINIMAL, **patch}, {})
+
+
+def test_smoothing_is_off_by_default_and_reads_every_field() -> None:
+    assert config.from_mapping(MINIMAL, {}).smoothing is None
+    skab = config.from_mapping({**MINIMAL, "smoothing": {"ewma_alpha": 0.1}}, {})
+    assert skab.smoothing == SmoothingSettings(ewma_alpha=0.1)
+    # The section is SmoothingSettings itself: every field it has is a key of [smoothing].
+    full = SmoothingSettings(
+        ewma_alpha=0.1, margin=2.0, min_consecutive=3, cooldown_rows=288, learn_in_cooldown=True
+    )
+    raw = msgspec.to_builtins(full)
+    assert set(raw) == set(SmoothingSettings.__struct_fields__)
+    assert config.from_mapping({**MINIMAL, "smoothing": raw}, {}).smoothing == full
+    env = {"STREAMER_SMOOTHING__EWMA_ALPHA": "0.2", "STREAMER_SMOOTHING__COOLDOWN_ROWS": "5"}
+    assert config.from_mapping(MINIMAL, env).smoothing == SmoothingSettings(
+        ewma_alpha=0.2, cooldown_rows=5
+    )
+
+
+def test_smoothing_in_a_toml_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'profile = "sensors"\n[kafka]\ninput_topic = "in"\nalert_topic = "out"\n'
+        'dead_letter_topic = "dlq"\n[model]\nbundle = "b"\n[threshold]\nquantile = 0.95\n'
+        "[smoothing]\newma_alpha = 0.1\n"
+    )
+    s = config.load(path, environ={})
+    assert s.threshold.quantile == 0.95 and s.smoothing == SmoothingSettings(ewma_alpha=0.1)
 
 
 def test_inline_feature_spec(tmp_path: Path) -> None:

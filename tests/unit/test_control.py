@@ -40,6 +40,19 @@ def test_false_positives_raise_one_entity_within_the_bound() -> None:
     assert flagged.tolist() == [False, True] and used.tolist() == [2.0, 1.0]
 
 
+def test_a_factor_only_drops_alerts_an_override_judges_anew() -> None:
+    """A threshold that did not flag a score above its value (a smoothed threshold's cooldown
+    or run length) keeps it unflagged under a factor; a fixed override decides by itself."""
+    c = ControlState(ControlSettings(false_positive_factor=1.5))
+    c.apply_feedback(b'{"type": "false_positive", "entity": "a"}', None)
+    c.apply_control(b'{"action": "set_entity_threshold", "entity": "b", "value": 2}')
+    scores = np.array([9.0, 9.0, 9.0])
+    flagged, used = c.adjust(["a", "b", "c"], scores, np.zeros(3, dtype=bool), np.ones(3))
+    assert flagged.tolist() == [False, True, False] and used.tolist() == [1.5, 2.0, 1.0]
+    flagged, _ = c.adjust(["a", "b", "c"], scores, np.ones(3, dtype=bool), np.ones(3))
+    assert flagged.tolist() == [True, True, True]
+
+
 def test_feedback_without_entity_is_matched_by_id_or_counted_unmatched() -> None:
     c = ControlState(ControlSettings())
     c.remember(["alert-1", "incident-9"], ["a", "b"])
