@@ -17,6 +17,9 @@
   warm start cannot resolve. 0 (the default) is no gate. A learning threshold never rises
   above its warm-start value, so with it any margin >= 1 acts as frozen at margin x start;
 - `min_consecutive`: a row alerts only when it is the n-th row in a row above threshold;
+- `once_per_run`: a run of rows above threshold alerts once, on its `min_consecutive`-th row,
+  however long it lasts (NuPIC reports only the first of consecutive red rows). Without it
+  every row of a run alerts, unless in a cooldown;
 - `cooldown_rows`: after an alert, the next `cooldown_rows` rows do not alert (one alert per
   incident where a consumer pays per alert, as NAB's scoring does);
 - `mean_rows`: each score is replaced by the mean of the last `mean_rows` scores (a moving
@@ -69,6 +72,7 @@ class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     frozen: bool = False  # True: the threshold never learns from live scores
     margin: float = 0.0  # > 0: also require score > margin * warm-start threshold
     min_consecutive: int = 1
+    once_per_run: bool = False  # a run above threshold alerts once
     cooldown_rows: int = 0
     learn_in_cooldown: bool = False  # cooldown rows are learned unclipped (a new level)
     mean_rows: int = 1  # moving average over this many scores; 1 = none
@@ -210,25 +214,26 @@ class SmoothedThreshold(RollingQuantileThreshold):
 
     def _shape(self, above: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Alerts after min_consecutive and cooldown; also which rows were in a cooldown."""
-        s = self.settings
-        flags, cooling, self._run, self._quiet = shape(
-            above, s.min_consecutive, s.cooldown_rows, self._run, self._quiet
-        )
+        flags, cooling, self._run, self._quiet = shape(above, self.settings, self._run, self._quiet)
         return flags, cooling
 
 
 def shape(
-    above: np.ndarray, min_consecutive: int, cooldown_rows: int, run: int = 0, quiet: int = 0
+    above: np.ndarray, settings: SmoothingSettings, run: int = 0, quiet: int = 0
 ) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Rows above threshold -> alerts: only the `min_consecutive`-th row of a run alerts, then
-    `cooldown_rows` rows stay quiet. `run` and `quiet` carry the state between batches; returns
-    (alerts, rows in a cooldown, run, quiet).
+    """Rows above threshold -> alerts, by `min_consecutive`, `once_per_run` and
+    `cooldown_rows`. `run` (rows above so far) and `quiet` (cooldown rows left) carry the
+    state between batches; returns (alerts, rows in a cooldown, run, quiet).
 
-    >>> shape(np.array([1, 1, 1, 1, 0, 1], dtype=bool), 2, 1)[0].tolist()
+    >>> above = np.array([1, 1, 1, 1, 0, 1], dtype=bool)
+    >>> shape(above, SmoothingSettings(min_consecutive=2, cooldown_rows=1))[0].tolist()
     [False, True, False, True, False, False]
+    >>> shape(above, SmoothingSettings(once_per_run=True))[0].tolist()
+    [True, False, False, False, False, True]
     """
+    need, rest, once = settings.min_consecutive, settings.cooldown_rows, settings.once_per_run
     cooling = np.zeros(above.size, dtype=bool)
-    if min_consecutive == 1 and cooldown_rows == 0:
+    if need == 1 and rest == 0 and not once:
         return above, cooling, run, quiet
     out = np.zeros(above.size, dtype=bool)
     for i, up in enumerate(above.tolist()):
@@ -237,7 +242,7 @@ def shape(
             quiet -= 1
             cooling[i] = True
             continue
-        if run >= min_consecutive:
+        if run == need or (run > need and not once):
             out[i] = True
-            quiet = cooldown_rows
+            quiet = rest
     return out, cooling, run, quiet

@@ -598,9 +598,7 @@ def nab_cv(
         file_windows = [nab.Window(a, b) for a, b in (s.windows or _label_runs(s.labels))]
         for k, zl in enumerate(z_levels):
             flags = np.zeros(s.n, dtype=bool)
-            flags[s.n_train :] = shape(
-                r.z > zl, smoothing.min_consecutive, smoothing.cooldown_rows
-            )[0]
+            flags[s.n_train :] = shape(r.z > zl, smoothing)[0]
             for p in nab.PROFILES:
                 fs = nab.score_file(flags, file_windows, p)
                 raw[p.name][f, k] = fs.raw

@@ -297,6 +297,13 @@ def test_min_consecutive_and_cooldown_shape_alerts() -> None:
     assert np.flatnonzero(flags).tolist() == [5, 10]
 
 
+def test_once_per_run_alerts_once_for_a_run_that_spans_batches() -> None:
+    t = SmoothedThreshold(100, 0.9, 10, np.zeros(100), SmoothingSettings(once_per_run=True))
+    scores = np.array([0, 5, 5, 5, 5, 5, 5, 0, 0, 5, 5, 0], dtype=float)
+    flags = np.concatenate([t.judge(scores[a:b]) for a, b in ((0, 3), (3, 5), (5, 12))])
+    assert np.flatnonzero(flags).tolist() == [1, 9]  # one alert per run, wherever batches cut
+
+
 def test_moving_mean_is_the_same_whatever_the_batches() -> None:
     x = np.random.default_rng(0).random(50)
     whole = np.convolve(x, np.ones(10) / 10)[:50]
