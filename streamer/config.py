@@ -317,10 +317,10 @@ class Settings(_Section, frozen=True):
     batch: BatchSettings = msgspec.field(default_factory=BatchSettings)
     threshold: ThresholdSettings = msgspec.field(default_factory=ThresholdSettings)
     # Score smoothing and alert shaping around the global threshold (streamer/smoothing.py:
-    # ewma_alpha, mean_rows, likelihood, frozen, margin, min_consecutive, once_per_run,
-    # cooldown_rows, learn_in_cooldown). Absent:
-    # none. Its state is one over the stream in the order this replica scores it: for a
-    # single-source feed (one sensor, one pump), not for interleaved entities.
+    # ewma_alpha, mean_rows, likelihood, two_sided, frozen, margin, min_consecutive,
+    # once_per_run, cooldown_rows, learn_in_cooldown). Absent: none. Its state is one over
+    # the stream in the order this replica scores it: for a single-source feed (one sensor,
+    # one pump), not for interleaved entities.
     smoothing: SmoothingSettings | None = None
     state: StateSettings = msgspec.field(default_factory=StateSettings)
     incidents: IncidentSettings = msgspec.field(default_factory=IncidentSettings)

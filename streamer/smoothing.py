@@ -33,7 +33,13 @@
   it to a series' own noise. Every score is learned as it is, as NuPIC does: one incident
   barely moves a long window's mean, and a level that lasts becomes the new normal. Only
   the upper tail alerts (NuPIC's is two-sided): a reconstruction error below its usual
-  level means a row more typical than usual, not less. `threshold.quantile` is unused;
+  level means a row more typical than usual, not less (`two_sided` alerts on both tails, as
+  NuPIC does: a series that suddenly goes flat can reconstruct better than usual).
+  `threshold.quantile` is unused. The warm start (held-out errors of single rows) is shrunk
+  about its mean to the spread of smoothed scores, which the rule compares: for independent
+  rows the std of an EWMA is sqrt(alpha / (2 - alpha)) of a row's (0.23 at alpha 0.1), of an
+  n-row mean 1 / sqrt(n). Left as it is, the single-row spread would dominate the window's
+  std for thousands of rows and hold the threshold several times too high;
 - `learn_in_cooldown`: the cooldown rows enter the (learning) threshold's window as they
   are, not clipped. The incident has been reported; if what follows it lasts a whole
   cooldown it is taken as the new normal, so the threshold can rise to a new level of the
@@ -77,6 +83,7 @@ class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     learn_in_cooldown: bool = False  # cooldown rows are learned unclipped (a new level)
     mean_rows: int = 1  # moving average over this many scores; 1 = none
     likelihood: float = 0.0  # > 0: Gaussian tail rule, alert when Phi(z) >= this
+    two_sided: bool = False  # likelihood: also alert on scores far below the mean
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ewma_alpha <= 1.0:
@@ -95,6 +102,8 @@ class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             raise ValueError("smoothing.mean_rows and smoothing.ewma_alpha: choose one smoother")
         if not (self.likelihood == 0.0 or 0.5 < self.likelihood < 1.0):
             raise ValueError("smoothing.likelihood must be 0 (off) or in (0.5, 1)")
+        if self.two_sided and (not self.likelihood or self.margin):
+            raise ValueError("smoothing.two_sided needs smoothing.likelihood, and no margin")
         if self.likelihood and self.learn_in_cooldown:
             raise ValueError(
                 "smoothing.learn_in_cooldown: with smoothing.likelihood every score is learned"
@@ -118,6 +127,20 @@ def ewma(scores: np.ndarray, alpha: float, level: float | None = None) -> np.nda
         current = s if current is None else alpha * s + (1.0 - alpha) * current
         out[i] = current
     return out
+
+
+def smoothed_spread(settings: SmoothingSettings) -> float:
+    """Std of the smoothed score over a single row's, for independent rows.
+
+    >>> round(smoothed_spread(SmoothingSettings(ewma_alpha=0.1)), 3)
+    0.229
+    >>> smoothed_spread(SmoothingSettings(mean_rows=4))
+    0.5
+    """
+    if settings.mean_rows > 1:
+        return 1.0 / math.sqrt(settings.mean_rows)
+    a = settings.ewma_alpha
+    return math.sqrt(a / (2.0 - a))
 
 
 def moving_mean(scores: np.ndarray, rows: int, previous: np.ndarray) -> np.ndarray:
@@ -150,7 +173,11 @@ class SmoothedThreshold(RollingQuantileThreshold):
         if warm_start is not None and warm_start.size:
             # Start live smoothing from a typical normal level, not from one held-out row.
             self._level = float(np.median(warm_start))
-        super().__init__(window_size, quantile, min_samples, warm_start)
+        ring_start = warm_start
+        if settings.likelihood and warm_start is not None and warm_start.size:
+            centre = float(np.mean(warm_start))
+            ring_start = centre + (warm_start - centre) * smoothed_spread(settings)
+        super().__init__(window_size, quantile, min_samples, ring_start)
         # The gate of `margin`, fixed at start: relative to what training saw, never to live
         # scores (which a long anomaly or drift would move).
         # Taken from the warm start itself, also when it holds fewer than min_samples scores
@@ -184,13 +211,14 @@ class SmoothedThreshold(RollingQuantileThreshold):
         learning = self.learn and (not s.frozen or self.count < self.min_samples)
         value = self.value
         above = smoothed > value
-        if s.likelihood:
-            self.last_z = (
-                (smoothed - self._mean) / self._std
-                if np.isfinite(value)
-                else np.full(smoothed.size, -np.inf)
-            )
-        flags, cooling = self._shape(above & (smoothed > self.floor))
+        if s.likelihood and np.isfinite(value):
+            self.last_z = (smoothed - self._mean) / self._std
+            if s.two_sided:
+                self.last_z = np.abs(self.last_z)
+                above = self.last_z > self._z
+        elif s.likelihood:  # fewer than min_samples scores: nothing alerts at any level
+            self.last_z = np.full(smoothed.size, -np.inf)
+        flags, cooling = self._shape(above & (smoothed > self.floor) if s.margin else above)
         if learning and s.likelihood:
             self.observe(smoothed)
         elif learning:
