@@ -35,11 +35,10 @@
   the upper tail alerts (NuPIC's is two-sided): a reconstruction error below its usual
   level means a row more typical than usual, not less (`two_sided` alerts on both tails, as
   NuPIC does: a series that suddenly goes flat can reconstruct better than usual).
-  `threshold.quantile` is unused. The warm start (held-out errors of single rows) is shrunk
-  about its mean to the spread of smoothed scores, which the rule compares: for independent
-  rows the std of an EWMA is sqrt(alpha / (2 - alpha)) of a row's (0.23 at alpha 0.1), of an
-  n-row mean 1 / sqrt(n). Left as it is, the single-row spread would dominate the window's
-  std for thousands of rows and hold the threshold several times too high;
+  `threshold.quantile` is unused. The warm start (held-out errors of single rows) enters the
+  window as it is, although the rule judges smoothed scores with a smaller spread: it keeps
+  the threshold high while few live scores are in. Shrinking it to the spread of smoothed
+  independent rows was tried on NAB and raised false positives (docs/QUALITY.md);
 - `learn_in_cooldown`: the cooldown rows enter the (learning) threshold's window as they
   are, not clipped. The incident has been reported; if what follows it lasts a whole
   cooldown it is taken as the new normal, so the threshold can rise to a new level of the
@@ -129,20 +128,6 @@ def ewma(scores: np.ndarray, alpha: float, level: float | None = None) -> np.nda
     return out
 
 
-def smoothed_spread(settings: SmoothingSettings) -> float:
-    """Std of the smoothed score over a single row's, for independent rows.
-
-    >>> round(smoothed_spread(SmoothingSettings(ewma_alpha=0.1)), 3)
-    0.229
-    >>> smoothed_spread(SmoothingSettings(mean_rows=4))
-    0.5
-    """
-    if settings.mean_rows > 1:
-        return 1.0 / math.sqrt(settings.mean_rows)
-    a = settings.ewma_alpha
-    return math.sqrt(a / (2.0 - a))
-
-
 def moving_mean(scores: np.ndarray, rows: int, previous: np.ndarray) -> np.ndarray:
     """Mean of each score and the `rows - 1` before it (`previous`: the scores before these).
 
@@ -173,11 +158,7 @@ class SmoothedThreshold(RollingQuantileThreshold):
         if warm_start is not None and warm_start.size:
             # Start live smoothing from a typical normal level, not from one held-out row.
             self._level = float(np.median(warm_start))
-        ring_start = warm_start
-        if settings.likelihood and warm_start is not None and warm_start.size:
-            centre = float(np.mean(warm_start))
-            ring_start = centre + (warm_start - centre) * smoothed_spread(settings)
-        super().__init__(window_size, quantile, min_samples, ring_start)
+        super().__init__(window_size, quantile, min_samples, warm_start)
         # The gate of `margin`, fixed at start: relative to what training saw, never to live
         # scores (which a long anomaly or drift would move).
         # Taken from the warm start itself, also when it holds fewer than min_samples scores

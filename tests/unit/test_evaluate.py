@@ -336,17 +336,6 @@ def test_likelihood_learns_every_score_so_a_lasting_level_stops_alerting() -> No
     assert kept.all()  # the quantile rule learns alerted scores clipped: it never rises
 
 
-def test_likelihood_shrinks_the_warm_start_to_the_spread_of_smoothed_scores() -> None:
-    warm = np.random.default_rng(3).normal(10.0, 2.0, 500)
-    s = SmoothingSettings(likelihood=0.99999, ewma_alpha=0.1)
-    t = SmoothedThreshold(1000, 0.9, 10, warm, s)
-    shrunk = warm.std() * np.sqrt(0.1 / 1.9)
-    assert t.value == pytest.approx(warm.mean() + 4.2649 * shrunk, rel=1e-4)
-    # An EWMA of independent rows like the warm start's has about that spread.
-    rows = np.random.default_rng(4).normal(10.0, 2.0, 200_000)
-    assert ewma(rows, 0.1)[100:].std() == pytest.approx(shrunk, rel=0.05)
-
-
 def test_two_sided_likelihood_alerts_on_scores_far_below_the_mean() -> None:
     warm = np.random.default_rng(5).normal(10.0, 1.0, 500)
     one = SmoothedThreshold(1000, 0.9, 10, warm, SmoothingSettings(likelihood=0.999))
