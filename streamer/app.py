@@ -58,11 +58,14 @@ def build_pipeline(
 
     With `[smoothing]` the global threshold is a SmoothedThreshold, started from the bundle's
     warm start like the plain one; each call builds a fresh one (no shared smoothing state:
-    a reload or a shadowed candidate starts its EWMA level, run and cooldown anew).
+    a reload or a shadowed candidate starts its EWMA level, run and cooldown anew). With
+    `threshold.per_entity` as well, the smoothing is per entity (the pipeline state's
+    EntitySmoothedThresholds, each entity from the warm start) and the global threshold is
+    the plain one over raw scores, as with per-entity thresholds alone.
     """
     t = settings.threshold
     threshold: RollingQuantileThreshold
-    if settings.smoothing is None:
+    if settings.smoothing is None or t.per_entity:
         threshold = RollingQuantileThreshold(
             t.window_size, t.quantile, t.min_samples, bundle.warm_start, learn=t.learn
         )
@@ -80,7 +83,11 @@ def build_pipeline(
         top_features=settings.alerts.top_features,
         max_message_bytes=settings.alerts.max_message_bytes,
         state=EntityState.build(
-            settings, bundle.spec, scorer.window_length, control.labels if control else None
+            settings,
+            bundle.spec,
+            scorer.window_length,
+            control.labels if control else None,
+            bundle.warm_start,
         ),
         publish_alerts=settings.incidents.publish_alerts or not settings.incidents.enabled,
         control=control,
@@ -156,7 +163,12 @@ class Detector:
                 "label feedback feeds; set the topic the labels arrive on"
             )
         self._serve(*self._load_bundle(Path(s.model.bundle)))
-        if s.smoothing is not None:
+        if s.smoothing is not None and s.threshold.per_entity:
+            log.info(
+                "threshold smoothing on, one state per entity (at most %d entities, %d scores "
+                "each): %s", s.state.max_entities, s.threshold.entity_window_size, s.smoothing,
+            )  # fmt: skip
+        elif s.smoothing is not None:
             log.info(
                 "threshold smoothing on, one state over every event this replica scores "
                 "(right for a single-source feed): %s", s.smoothing,

@@ -317,10 +317,11 @@ class Settings(_Section, frozen=True):
     batch: BatchSettings = msgspec.field(default_factory=BatchSettings)
     threshold: ThresholdSettings = msgspec.field(default_factory=ThresholdSettings)
     # Score smoothing and alert shaping around the global threshold (streamer/smoothing.py:
+    # Score smoothing and alert shaping around the threshold (streamer/smoothing.py:
     # ewma_alpha, mean_rows, likelihood, two_sided, frozen, margin, min_consecutive,
     # once_per_run, cooldown_rows, learn_in_cooldown). Absent: none. Its state is one over
-    # the stream in the order this replica scores it: for a single-source feed (one sensor,
-    # one pump), not for interleaved entities.
+    # the stream in the order this replica scores it (a single-source feed: one sensor, one
+    # pump), or with threshold.per_entity = true one per entity (interleaved entities).
     smoothing: SmoothingSettings | None = None
     state: StateSettings = msgspec.field(default_factory=StateSettings)
     incidents: IncidentSettings = msgspec.field(default_factory=IncidentSettings)
@@ -352,12 +353,8 @@ def check_smoothing(threshold: ThresholdSettings, smoothing: SmoothingSettings |
     Settings and the evaluator's detectors both check with this."""
     if smoothing is None:
         return
-    if threshold.per_entity:
-        raise ValueError(
-            "smoothing needs threshold.per_entity = false: an entity's own threshold judges "
-            "its raw scores and replaces the smoothed global decision, and the smoothing state "
-            "is one over the whole stream, not one per entity"
-        )
+    # threshold.per_entity = true: one SmoothedThreshold per entity (entity_window_size,
+    # entity_min_samples), each from the bundle's warm start (streamer/entity_smoothing.py).
     if smoothing.learn_in_cooldown and not threshold.learn:
         raise ValueError("smoothing.learn_in_cooldown needs threshold.learn = true")
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from streamer.control import ControlState
 from streamer.drift import DriftMonitor
+from streamer.entity_smoothing import EntitySmoothedThresholds
 from streamer.features import FeatureSpec, build_features, event_seconds
 from streamer.records import (
     ALERT_SCHEMA_VERSION,
@@ -148,7 +149,11 @@ class Pipeline:
             judged = self.threshold.last_smoothed
         if self.state.thresholds is not None:
             # The entity's own threshold replaces the global one once it has enough scores.
+            # With [smoothing] it is the entity's own SmoothedThreshold, which a replay feeds
+            # too (the entity's EWMA, run, cooldown and window are per-partition state).
             flagged, used = self.state.thresholds.judge(scored_keys, scores, judged_against)
+            if isinstance(self.state.thresholds, EntitySmoothedThresholds):
+                judged = self.state.thresholds.last_smoothed
         if self.control is not None and self.control.active:
             # Mutes, fixed overrides and feedback-raised thresholds have the last word.
             flagged, used = self.control.adjust([keys[i] for i in rows], judged, flagged, used)

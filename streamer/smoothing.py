@@ -46,9 +46,9 @@
   price: after a large incident the threshold stays higher for a while (its window).
 
 The state (EWMA level, run length, cooldown) is one per instance: in a stream that
-interleaves entities it would have to be one instance per entity, which the daemon does not
-do (its `[smoothing]` is one state per replica: for single-source feeds); the evaluator runs
-one pipeline per series.
+interleaves entities it has to be one instance per entity, which the daemon keeps with
+`threshold.per_entity = true` (streamer/entity_smoothing.py; otherwise its `[smoothing]` is
+one state per replica: for single-source feeds); the evaluator runs one pipeline per series.
 
 >>> import numpy as np
 >>> warm = np.linspace(0.0, 4.0, 100)        # held-out errors; smoothing starts at their median

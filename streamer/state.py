@@ -3,7 +3,8 @@
 Three kinds of keyed state, each present only when the bundle or config needs it:
 - `aggregates`: rolling per-entity statistics behind Rolling / SincePrevious features;
 - `windows`: the last `window_length` scaled rows of each entity, for a windowed (LSTM) model;
-- `thresholds`: a rolling quantile per entity (`threshold.per_entity`);
+- `thresholds`: a rolling quantile per entity (`threshold.per_entity`), or with `[smoothing]`
+  a SmoothedThreshold per entity (streamer/entity_smoothing.py);
 - `incidents`: each entity's current run of alerts (`incidents.enabled`).
 
 Each is bounded by `state.max_entities` (least recently seen evicted first, counted by
@@ -16,8 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from streamer.aggregates import AggregateState
 from streamer.config import Settings
+from streamer.entity_smoothing import EntitySmoothedThresholds
 from streamer.features import FeatureSpec
 from streamer.incidents import IncidentTracker
 from streamer.labels import LabelStore
@@ -29,7 +33,7 @@ from streamer.windows import WindowBuilder
 class EntityState:
     aggregates: AggregateState | None = None
     windows: WindowBuilder | None = None
-    thresholds: EntityThresholds | None = None
+    thresholds: EntityThresholds | EntitySmoothedThresholds | None = None
     incidents: IncidentTracker | None = None
 
     @classmethod
@@ -39,12 +43,25 @@ class EntityState:
         spec: FeatureSpec,
         window_length: int | None,
         labels: LabelStore | None = None,
+        warm_start: np.ndarray | None = None,
     ) -> EntityState:
-        """`labels`: the store label feedback goes to (the app's, which outlives pipelines)."""
+        """`labels`: the store label feedback goes to (the app's, which outlives pipelines).
+        `warm_start`: the bundle's held-out errors, where each entity's smoothed threshold
+        starts from (per-entity thresholds with `[smoothing]`)."""
         cap = settings.state.max_entities
         t = settings.threshold
-        thresholds = None
-        if t.per_entity:
+        thresholds: EntityThresholds | EntitySmoothedThresholds | None = None
+        if t.per_entity and settings.smoothing is not None:
+            thresholds = EntitySmoothedThresholds(
+                t.entity_window_size,
+                t.quantile,
+                t.entity_min_samples,
+                cap,
+                warm_start,
+                settings.smoothing,
+            )
+            thresholds.learn = t.learn
+        elif t.per_entity:
             thresholds = EntityThresholds(
                 t.entity_window_size, t.quantile, t.entity_min_samples, cap
             )
@@ -68,7 +85,7 @@ class EntityState:
         return (
             self.aggregates is not None
             or self.windows is not None
-            or (self.thresholds is not None and self.thresholds.learn)
+            or (self.thresholds is not None and self.thresholds.needs_history)
         )
 
     def clear(self) -> None:

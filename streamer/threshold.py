@@ -156,6 +156,11 @@ class EntityThresholds:
     def entities(self) -> int:
         return len(self._rings)
 
+    @property
+    def needs_history(self) -> bool:
+        """Whether decisions depend on earlier scores (restored by replay after a move)."""
+        return self.learn
+
     def clear(self) -> None:
         self._rings.clear()
 

@@ -76,6 +76,13 @@ class DetectorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         check_smoothing(self.threshold, self.smoothing)  # what the daemon's config refuses
+        if self.smoothing is not None and self.threshold.per_entity:
+            # The daemon smooths per entity; a series here is one stream, and the report's
+            # smoothed scores and likelihood z are read from the global threshold.
+            raise ValueError(
+                "smoothing with threshold.per_entity = true is the daemon's (interleaved "
+                "entities); the evaluator replays one series per pipeline: set it to false"
+            )
 
 
 class ReplaySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

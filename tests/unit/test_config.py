@@ -64,8 +64,15 @@ def test_defaults_and_env_overrides() -> None:
         ({"smoothing": 0.1}, r"\$\.smoothing"),
         # Refused combinations name both sides.
         (
-            {"smoothing": {}, "threshold": {"per_entity": True}},
-            r"smoothing needs threshold\.per_entity = false",
+            {
+                "smoothing": {"cooldown_rows": 10, "learn_in_cooldown": True},
+                "threshold": {"learn": False, "per_entity": True},
+            },
+            r"smoothing\.learn_in_cooldown needs threshold\.learn = true",
+        ),
+        (
+            {"smoothing": {}, "threshold": {"per_entity": True, "entity_min_samples": 0}},
+            r"threshold\.entity_min_samples must be in \[1, threshold\.entity_window_size\]",
         ),
         (
             {
@@ -107,6 +114,15 @@ def test_smoothing_in_a_toml_file(tmp_path: Path) -> None:
     )
     s = config.load(path, environ={})
     assert s.threshold.quantile == 0.95 and s.smoothing == SmoothingSettings(ewma_alpha=0.1)
+
+
+def test_smoothing_per_entity_is_accepted() -> None:
+    """[smoothing] with threshold.per_entity = true: one smoothing state per entity."""
+    raw = {**MINIMAL, "smoothing": {"ewma_alpha": 0.1, "cooldown_rows": 10}}
+    env = {"STREAMER_THRESHOLD__PER_ENTITY": "true"}
+    s = config.from_mapping(raw, env)
+    assert s.threshold.per_entity
+    assert s.smoothing == SmoothingSettings(ewma_alpha=0.1, cooldown_rows=10)
 
 
 def test_inline_feature_spec(tmp_path: Path) -> None:
