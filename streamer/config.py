@@ -316,7 +316,6 @@ class Settings(_Section, frozen=True):
     features: FeatureSpec | None = None
     batch: BatchSettings = msgspec.field(default_factory=BatchSettings)
     threshold: ThresholdSettings = msgspec.field(default_factory=ThresholdSettings)
-    # Score smoothing and alert shaping around the global threshold (streamer/smoothing.py:
     # Score smoothing and alert shaping around the threshold (streamer/smoothing.py:
     # ewma_alpha, mean_rows, likelihood, two_sided, frozen, margin, min_consecutive,
     # once_per_run, cooldown_rows, learn_in_cooldown). Absent: none. Its state is one over
