@@ -644,6 +644,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="override data.path (where the data set is)")
     parser.add_argument("--max-series", type=int, help="first N series only (a quick look)")
     parser.add_argument("--no-report", action="store_true", help="write result.json only")
+    parser.add_argument(
+        "--seed", type=int, help="override training.seed (our model and B1): a run per seed "
+        "shows how much a result owes to one initialisation",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -662,6 +666,10 @@ def main(argv: list[str] | None = None) -> int:
     if data_changes:
         config = msgspec.structs.replace(
             config, data=msgspec.structs.replace(config.data, **data_changes)
+        )
+    if args.seed is not None:
+        config = msgspec.structs.replace(
+            config, training=msgspec.structs.replace(config.training, seed=args.seed)
         )
     out_dir = args.out or Path("runs") / "eval" / config.name
     try:

@@ -506,6 +506,14 @@ def test_nab_cv_levels_refuse_a_margin(tmp_path: Path) -> None:
         load_config(config)
 
 
+def test_seed_flag_overrides_the_training_seed(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["--config", str(synthetic(tmp_path)), "--out", str(out), "--no-report"]
+    assert main([*args, "--max-series", "1", "--seed", "7"]) == 0
+    result = msgspec.json.decode((out / "result.json").read_bytes())
+    assert result["config"]["training"]["seed"] == 7
+
+
 def test_replay_delivers_labels_at_their_time_and_matches_training_features() -> None:
     from streamer.aggregates import AggregateState
     from streamer.features import FeatureSpec, LabelRate, Log1p, build_features
