@@ -104,6 +104,9 @@ class MetricSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # (alternate files in name order), each fold is scored at the level that is best on the
     # other (detectors with smoothing.likelihood; empty: off).
     nab_cv_levels: list[float] = msgspec.field(default_factory=list)
+    # With nab_cv_levels: also choose the detector with its level, held out the same way
+    # (every likelihood detector of the config at every level is one candidate).
+    nab_cv_detectors: bool = False
     alert_rate: float | None = None  # also rank test rows by score: recall at this alert rate
     # Groups that no setting was chosen on: their pooled point metrics are reported apart.
     held_out_groups: list[str] = msgspec.field(default_factory=list)
@@ -143,6 +146,8 @@ class EvalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         names = [d.name for d in self.detectors]
         if len(set(names)) != len(names):
             raise ValueError("detector names must be unique")
+        if self.metrics.nab_cv_detectors and not self.metrics.nab_cv_levels:
+            raise ValueError("metrics.nab_cv_detectors needs metrics.nab_cv_levels")
         if self.metrics.nab_cv_levels:
             if not all(0.5 < q < 1.0 for q in self.metrics.nab_cv_levels):
                 raise ValueError("metrics.nab_cv_levels must be in (0.5, 1)")
@@ -399,8 +404,21 @@ def evaluate(config: EvalConfig, out_dir: Path) -> tuple[dict[str, Any], dict[st
     }
     for name, det in zip([d.name for d in config.detectors], config.detectors, strict=True):
         detectors[name]["settings"] = msgspec.to_builtins(det)
-        if config.metrics.nab_cv_levels and det.smoothing and det.smoothing.likelihood:
-            detectors[name]["nab_cv"] = nab_cv(config, det.smoothing, series_list, runs[name])
+    levels = config.metrics.nab_cv_levels
+    pooled: list[tuple[str, dict[str, np.ndarray]]] = []
+    folds = nab_folds(series_list)
+    for name, det in zip([d.name for d in config.detectors], config.detectors, strict=True):
+        if levels and det.smoothing and det.smoothing.likelihood:
+            raw, windows = nab_level_raw(levels, det.smoothing, series_list, runs[name])
+            detectors[name]["nab_cv"] = nab_cv([f"{q:g}" for q in levels], raw, windows, folds)
+            pooled.append((name, raw))
+    selection = None
+    if config.metrics.nab_cv_detectors and pooled:
+        # The detector and its level chosen together, held out: every (detector, level) pair
+        # is a setting, and each fold is scored at the pair that is best on the other.
+        pairs = [f"{name} @ {q:g}" for name, _ in pooled for q in levels]
+        raw = {p.name: np.hstack([r[p.name] for _, r in pooled]) for p in nab.PROFILES}
+        selection = nab_cv(pairs, raw, windows, folds)
     timings["total_seconds"] = time.monotonic() - started
     top = sorted(
         (a for r in runs[config.detectors[0].name] for a in r.top_alerts), key=lambda x: -x[0]
@@ -418,6 +436,7 @@ def evaluate(config: EvalConfig, out_dir: Path) -> tuple[dict[str, Any], dict[st
             for ratio, sname, alert in top
         ],
         "published": msgspec.to_builtins(config.published),
+        **({"nab_cv_selection": selection} if selection is not None else {}),
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     return result, {"series": series_list, "runs": runs}
@@ -587,17 +606,21 @@ def summarize(config: EvalConfig, series_list: list[Series], rs: list[Run]) -> d
     return out
 
 
-def nab_cv(
-    config: EvalConfig, smoothing: SmoothingSettings, series_list: list[Series], rs: list[Run]
-) -> dict[str, Any]:
-    """NAB scores at each of `metrics.nab_cv_levels`, and held out: each file scored at the
-    level chosen on the other fold. The alerts at a level are recomputed from the rows' z
-    (the likelihood rule learns every score, so its windows do not depend on the alerts)."""
-    levels = config.metrics.nab_cv_levels
-    z_levels = [NormalDist().inv_cdf(q) for q in levels]
+def nab_folds(series_list: list[Series]) -> np.ndarray:
+    """Two folds of files: alternate files in name order."""
     files = sorted(range(len(series_list)), key=lambda i: series_list[i].name)
     folds = np.empty(len(series_list), dtype=int)
     folds[files] = np.arange(len(files)) % 2
+    return folds
+
+
+def nab_level_raw(
+    levels: list[float], smoothing: SmoothingSettings, series_list: list[Series], rs: list[Run]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Raw NAB score of each file at each level, per profile ([file, level]), and each file's
+    scored windows. The alerts at a level are recomputed from the rows' z: the likelihood rule
+    learns every score, so its window does not depend on what it alerted."""
+    z_levels = [NormalDist().inv_cdf(q) for q in levels]
     raw = {p.name: np.zeros((len(series_list), len(levels))) for p in nab.PROFILES}
     windows = np.zeros(len(series_list), dtype=int)
     for f, (s, r) in enumerate(zip(series_list, rs, strict=True)):
@@ -610,16 +633,24 @@ def nab_cv(
                 fs = nab.score_file(flags, file_windows, p)
                 raw[p.name][f, k] = fs.raw
                 windows[f] = fs.windows
-    out: dict[str, Any] = {"levels": levels, "folds": 2}
+    return raw, windows
+
+
+def nab_cv(
+    settings: list[str], raw: dict[str, np.ndarray], windows: np.ndarray, folds: np.ndarray
+) -> dict[str, Any]:
+    """Held out: each fold of files scored at the setting (of `settings`, the columns of
+    `raw`) that is best on the other fold; also every setting's score on all files."""
+    out: dict[str, Any] = {"folds": 2}
     for p in nab.PROFILES:
         cv = nab.cross_validated(raw[p.name], windows, folds, p)
-        by_level = [nab.normalised(float(t), int(windows.sum()), p) for t in raw[p.name].sum(0)]
+        by_setting = [nab.normalised(float(t), int(windows.sum()), p) for t in raw[p.name].sum(0)]
         out[p.name] = {
             "score": cv.score,
-            "chosen_levels": [levels[k] for k in cv.chosen],
+            "chosen": [settings[k] for k in cv.chosen],
             "in_sample_score": cv.in_sample_score,
-            "in_sample_level": levels[cv.in_sample_setting],
-            "by_level": by_level,
+            "in_sample": settings[cv.in_sample_setting],
+            "by_setting": by_setting,
         }
     return out
 
@@ -736,6 +767,11 @@ def headline(result: dict[str, Any]) -> str:
             r = d["rate"]
             text += f" | AP {r['average_precision']:.3f} R@{r['alert_rate']:g} {r['recall']:.3f}"
         lines.append(text)
+    if "nab_cv_selection" in result:
+        sel = result["nab_cv_selection"]
+        scores = " / ".join(f"{sel[prof.name]['score']:.1f}" for prof in nab.PROFILES)
+        lines.append(f"  detector and level held out: NAB {scores} (standard: "
+                     f"{' | '.join(sel['standard']['chosen'])})")  # fmt: skip
     return "\n".join(lines)
 
 

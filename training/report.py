@@ -75,12 +75,10 @@ def summary_table(result: dict[str, Any]) -> str:
         cls = "ours" if d["kind"] == "ours" else ""
         rows.append(f'<tr class="{cls}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         if "nab_cv" in d:  # the same scores, each file at the level chosen on the other fold
-            cv = d["nab_cv"]
-            cells = [html.escape(f"{name}, level held out (2 folds)")] + ["-"] * 10
-            cells += [_fmt(cv[k]["score"], 1) for k in
-                      ("standard", "reward_low_FP_rate", "reward_low_FN_rate")]  # fmt: skip
-            cells += ["-", "-"] if has_rate else []
-            rows.append('<tr class="ours">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+            rows.append(_held_out_row(f"{name}, level held out (2 folds)", d["nab_cv"], has_rate))
+    if "nab_cv_selection" in result:
+        label = "any likelihood detector and level, held out (2 folds)"
+        rows.append(_held_out_row(label, result["nab_cv_selection"], has_rate))
     for pub in result.get("published", []):
         v = pub["values"]
         cells = [html.escape(f"{pub['name']} (published)"), _fmt(v.get("precision")),
@@ -92,6 +90,15 @@ def summary_table(result: dict[str, Any]) -> str:
             cells += [_fmt(v.get("average_precision")), _fmt(v.get("recall_at_rate"))]
         rows.append('<tr class="published">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return "<table>" + "\n".join(rows) + "</table>"
+
+
+def _held_out_row(label: str, cv: dict[str, Any], has_rate: bool) -> str:
+    cells = [html.escape(label)] + ["-"] * 10
+    cells += [
+        _fmt(cv[k]["score"], 1) for k in ("standard", "reward_low_FP_rate", "reward_low_FN_rate")
+    ]
+    cells += ["-", "-"] if has_rate else []
+    return '<tr class="ours">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
 
 def _series_plot(series: Any, runs: dict[str, Any], primary: str, shown: list[str]) -> str:

@@ -481,7 +481,7 @@ def test_nab_levels_recomputed_from_z_match_replays_at_those_levels(tmp_path: Pa
     config = msgspec.structs.replace(
         config,
         detectors=dets,
-        metrics=MetricSettings(nab=True, nab_cv_levels=levels),
+        metrics=MetricSettings(nab=True, nab_cv_levels=levels, nab_cv_detectors=True),
         baselines=BaselineSettings(b1=False, b2=False, all_rows=False),
     )
     result, arrays = evaluate(config, tmp_path / "out")
@@ -490,12 +490,19 @@ def test_nab_levels_recomputed_from_z_match_replays_at_those_levels(tmp_path: Pa
     for d in dets:  # every detector's recomputation matches every level's own replay
         cv = result["detectors"][d.name]["nab_cv"]
         for profile in ("standard", "reward_low_FP_rate", "reward_low_FN_rate"):
-            assert cv[profile]["by_level"] == pytest.approx([r[profile] for r in replayed])
-            assert len(cv[profile]["chosen_levels"]) == 2
-            assert cv[profile]["in_sample_score"] == pytest.approx(max(cv[profile]["by_level"]))
-            assert cv[profile]["score"] <= cv[profile]["in_sample_score"] + 1e-9
+            assert cv[profile]["by_setting"] == pytest.approx([r[profile] for r in replayed])
+            assert len(cv[profile]["chosen"]) == 2
+            assert cv[profile]["in_sample_score"] == pytest.approx(max(cv[profile]["by_setting"]))
+    # Detector and level chosen together: every detector at every level is a candidate.
+    selection = result["nab_cv_selection"]["standard"]
+    every = [
+        x for d in dets for x in result["detectors"][d.name]["nab_cv"]["standard"]["by_setting"]
+    ]
+    assert selection["by_setting"] == pytest.approx(every)
+    assert all(c.split(" @ ")[0] in {d.name for d in dets} for c in selection["chosen"])
     write_report(result, arrays, config, tmp_path / "report.html")
-    assert "level held out (2 folds)" in (tmp_path / "report.html").read_text()
+    html = (tmp_path / "report.html").read_text()
+    assert "level held out (2 folds)" in html and "any likelihood detector and level" in html
 
 
 def test_nab_cv_levels_refuse_a_margin(tmp_path: Path) -> None:
