@@ -120,6 +120,8 @@ def ewma(scores: np.ndarray, alpha: float, level: float | None = None) -> np.nda
     >>> ewma(np.array([2.0, 4.0, 4.0]), 0.5).tolist()
     [2.0, 3.0, 3.5]
     """
+    if alpha == 1.0:  # no smoothing: skip the per-row loop
+        return np.array(scores, dtype=np.float64)
     out = np.empty(scores.size, dtype=np.float64)
     current = level
     for i, s in enumerate(np.asarray(scores, dtype=np.float64)):
