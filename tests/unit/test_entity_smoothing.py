@@ -16,10 +16,10 @@ from streamer import bundle as bundles
 from streamer.app import Detector, build_pipeline
 from streamer.config import Settings, from_mapping
 from streamer.entity_smoothing import EntitySmoothedThresholds
-from streamer.pipeline import Pipeline
 from streamer.records import Alert, RawMessage
 from streamer.smoothing import SmoothedThreshold, SmoothingSettings
 from streamer.threshold import RollingQuantileThreshold
+from tests.unit.test_smoothing_daemon import feed, offsets
 from training.simulate import simulate
 
 WINDOW, QUANTILE, MIN_SAMPLES = 60, 0.95, 20
@@ -199,17 +199,6 @@ def stream(n: int = 700) -> list[RawMessage]:
             doc.update(amount=250_000.0, items=2, customer_id=SPIKES[i])
         out.append(RawMessage("orders", 0, i, None, msgspec.json.encode(doc), 0))
     return out
-
-
-def feed(p: Pipeline, messages: list[RawMessage], size: int = 50) -> list[Alert]:
-    alerts: list[Alert] = []
-    for i in range(0, len(messages), size):
-        alerts += p.process(messages[i : i + size]).alerts
-    return alerts
-
-
-def offsets(alerts: list[Alert]) -> list[int]:
-    return [a.source.offset for a in alerts]
 
 
 def test_the_daemon_smooths_per_entity(orders_bundle: bundles.Bundle) -> None:
