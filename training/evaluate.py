@@ -410,13 +410,13 @@ def evaluate(config: EvalConfig, out_dir: Path) -> tuple[dict[str, Any], dict[st
     for name, det in zip([d.name for d in config.detectors], config.detectors, strict=True):
         if levels and det.smoothing and det.smoothing.likelihood:
             raw, windows = nab_level_raw(levels, det.smoothing, series_list, runs[name])
-            detectors[name]["nab_cv"] = nab_cv([f"{q:g}" for q in levels], raw, windows, folds)
+            detectors[name]["nab_cv"] = nab_cv([str(q) for q in levels], raw, windows, folds)
             pooled.append((name, raw))
     selection = None
     if config.metrics.nab_cv_detectors and pooled:
         # The detector and its level chosen together, held out: every (detector, level) pair
         # is a setting, and each fold is scored at the pair that is best on the other.
-        pairs = [f"{name} @ {q:g}" for name, _ in pooled for q in levels]
+        pairs = [f"{name} @ {q}" for name, _ in pooled for q in levels]
         raw = {p.name: np.hstack([r[p.name] for _, r in pooled]) for p in nab.PROFILES}
         selection = nab_cv(pairs, raw, windows, folds)
     timings["total_seconds"] = time.monotonic() - started
@@ -641,7 +641,7 @@ def nab_cv(
 ) -> dict[str, Any]:
     """Held out: each fold of files scored at the setting (of `settings`, the columns of
     `raw`) that is best on the other fold; also every setting's score on all files."""
-    out: dict[str, Any] = {"folds": 2}
+    out: dict[str, Any] = {"folds": 2, "settings": settings}
     for p in nab.PROFILES:
         cv = nab.cross_validated(raw[p.name], windows, folds, p)
         by_setting = [nab.normalised(float(t), int(windows.sum()), p) for t in raw[p.name].sum(0)]

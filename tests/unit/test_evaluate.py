@@ -469,7 +469,7 @@ def test_evaluate_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 def test_nab_levels_recomputed_from_z_match_replays_at_those_levels(tmp_path: Path) -> None:
     config = load_config(synthetic(tmp_path))
-    levels = [0.6, 0.99, 0.99999]
+    levels = [0.6, 0.99, 0.9999995]  # the last one would print as "1" with :g
     dets = [
         DetectorSettings(
             name=f"likelihood {q}",
@@ -492,7 +492,9 @@ def test_nab_levels_recomputed_from_z_match_replays_at_those_levels(tmp_path: Pa
         for profile in ("standard", "reward_low_FP_rate", "reward_low_FN_rate"):
             assert cv[profile]["by_setting"] == pytest.approx([r[profile] for r in replayed])
             assert len(cv[profile]["chosen"]) == 2
+            assert set(cv[profile]["chosen"]) <= set(cv["settings"])
             assert cv[profile]["in_sample_score"] == pytest.approx(max(cv[profile]["by_setting"]))
+        assert cv["settings"] == ["0.6", "0.99", "0.9999995"]
     # Detector and level chosen together: every detector at every level is a candidate.
     selection = result["nab_cv_selection"]["standard"]
     every = [
