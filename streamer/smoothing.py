@@ -136,7 +136,7 @@ def moving_mean(scores: np.ndarray, rows: int, previous: np.ndarray) -> np.ndarr
     >>> moving_mean(np.array([3.0, 6.0, 9.0]), 2, np.array([1.0])).tolist()
     [2.0, 4.5, 7.5]
     """
-    joined = np.concatenate([previous[-(rows - 1) :] if rows > 1 else previous[:0], scores])
+    joined = np.concatenate([previous[-(rows - 1) :], scores])  # rows > 1
     sums = np.cumsum(np.concatenate([[0.0], joined]))
     ends = np.arange(joined.size - scores.size, joined.size) + 1
     starts = np.maximum(ends - rows, 0)
@@ -174,8 +174,8 @@ class SmoothedThreshold(RollingQuantileThreshold):
         self._quiet = 0  # cooldown rows left
         self.last_smoothed = np.empty(0)
         # With `likelihood`: each judged row's z = (score - mean) / std against the window it
-        # was judged by (-inf while the window is short). Alerts at another level are
-        # `shape(last_z > z_level & score > floor)`, since learning does not depend on alerts.
+        # was judged by (-inf while the window is short). Without a margin, alerts at another
+        # level are `shape(last_z > z_level)`, since learning does not depend on alerts.
         self.last_z = np.empty(0)
 
     def judge(self, scores: np.ndarray) -> np.ndarray:
@@ -207,7 +207,7 @@ class SmoothedThreshold(RollingQuantileThreshold):
         elif learning:
             # As RollingQuantileThreshold.judge: a score above the threshold is learned clipped
             # to it, except in a cooldown with learn_in_cooldown (learned as it is).
-            clip = above & ~cooling if self.settings.learn_in_cooldown else above
+            clip = above & ~cooling if s.learn_in_cooldown else above
             self.observe(np.where(clip, value, smoothed))
         return flags
 

@@ -402,12 +402,11 @@ def evaluate(config: EvalConfig, out_dir: Path) -> tuple[dict[str, Any], dict[st
         name: summarize(config, series_list, rs) | {"kind": kinds[name]}
         for name, rs in runs.items()
     }
-    for name, det in zip([d.name for d in config.detectors], config.detectors, strict=True):
-        detectors[name]["settings"] = msgspec.to_builtins(det)
     levels = config.metrics.nab_cv_levels
     pooled: list[tuple[str, dict[str, np.ndarray]]] = []
     folds = nab_folds(series_list)
     for name, det in zip([d.name for d in config.detectors], config.detectors, strict=True):
+        detectors[name]["settings"] = msgspec.to_builtins(det)
         if levels and det.smoothing and det.smoothing.likelihood:
             raw, windows = nab_level_raw(levels, det.smoothing, series_list, runs[name])
             detectors[name]["nab_cv"] = nab_cv([str(q) for q in levels], raw, windows, folds)
@@ -553,7 +552,7 @@ def summarize(config: EvalConfig, series_list: list[Series], rs: list[Run]) -> d
         if config.metrics.nab:
             flags_full = np.zeros(s.n, dtype=bool)
             flags_full[s.n_train :] = r.flags
-            windows = [nab.Window(a, b) for a, b in (s.windows or _label_runs(s.labels))]
+            windows = nab_file_windows(s)
             for p in nab.PROFILES:
                 fs = nab.score_file(flags_full, windows, p)
                 nab_raw[p.name] += fs.raw
@@ -606,6 +605,11 @@ def summarize(config: EvalConfig, series_list: list[Series], rs: list[Run]) -> d
     return out
 
 
+def nab_file_windows(s: Series) -> list[nab.Window]:
+    """A series' labeled windows, or its runs of anomalous rows where it has none."""
+    return [nab.Window(a, b) for a, b in (s.windows or _label_runs(s.labels))]
+
+
 def nab_folds(series_list: list[Series]) -> np.ndarray:
     """Two folds of files: alternate files in name order."""
     files = sorted(range(len(series_list)), key=lambda i: series_list[i].name)
@@ -625,7 +629,7 @@ def nab_level_raw(
     windows = np.zeros(len(series_list), dtype=int)
     for f, (s, r) in enumerate(zip(series_list, rs, strict=True)):
         assert r.z is not None
-        file_windows = [nab.Window(a, b) for a, b in (s.windows or _label_runs(s.labels))]
+        file_windows = nab_file_windows(s)
         for k, zl in enumerate(z_levels):
             flags = np.zeros(s.n, dtype=bool)
             flags[s.n_train :] = shape(r.z > zl, smoothing)[0]
