@@ -160,9 +160,12 @@ class Pipeline:
         t5 = clock()
         if replay and self.state.incidents is None:
             return BatchResult(len(messages), [], dead, scores, judged_against)
+        # An alert carries the score its threshold compared (`used` is on that scale), and
+        # the raw one beside it where they differ.
         alerts, times = self._alerts(
-            np.flatnonzero(flagged), rows, kept, events, raw, recon, errors, scores, used
-        )
+            np.flatnonzero(flagged), rows, kept, events, raw, recon, errors, judged, used,
+            raw_scores=None if judged is scores else scores,
+        )  # fmt: skip
         incidents: list[Incident] = []
         if self.state.incidents is not None:
             now: dict[int, float] = {}
@@ -222,8 +225,9 @@ class Pipeline:
         raw: np.ndarray,
         recon: np.ndarray,
         errors: np.ndarray,
-        scores: np.ndarray,
+        scores: np.ndarray,  # the scores judged (smoothed with [smoothing])
         used: np.ndarray,
+        raw_scores: np.ndarray | None = None,  # the model's own, where `scores` are smoothed
     ) -> tuple[list[Alert], list[float]]:
         """The alerts of a batch, explained in one pass of array operations (a quarter of
         a sensor stream can alert: per-alert numpy calls were a tenth of the daemon's time)."""
@@ -242,6 +246,12 @@ class Pipeline:
         shares = (pick(err, top, 1) / totals[:, None]).tolist()
         names = self._unit_names
         detected = _iso(time.time())
+        # raw_score only where it differs: absent, `score` is the raw score (no smoother,
+        # e.g. [smoothing] with only a cooldown, or a replay of one-stream smoothing).
+        raw_of: list[float | None] = [None] * hits.size
+        if raw_scores is not None:
+            pairs = zip(raw_scores[hits].tolist(), scores[hits].tolist(), strict=True)
+            raw_of = [r if r != s else None for r, s in pairs]
         alerts, times = [], []
         for n, (j, features) in enumerate(zip(idx.tolist(), top.tolist(), strict=True)):
             message, event = kept[j], events[j]
@@ -266,6 +276,7 @@ class Pipeline:
                         for c, f in enumerate(features)
                     ],
                     source=SourcePosition(message.topic, message.partition, message.offset),
+                    raw_score=raw_of[n],
                 )
             )
         return alerts, times

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
@@ -35,12 +35,24 @@ class FeatureContribution(msgspec.Struct, frozen=True):
     contribution: float  # share of the event's squared reconstruction error
 
 
+SCORE = (
+    "The score the threshold compared, on the scale of `threshold`: the event's reconstruction "
+    "error, or with [smoothing] its smoothed score (EWMA or moving mean)."
+)
+RAW_SCORE = (
+    "The event's own reconstruction error, where `score` is smoothed and differs from it; "
+    "absent otherwise."
+)
+
+
 class ModelRef(msgspec.Struct, frozen=True):
     version: str
     kind: str
 
 
-class Alert(msgspec.Struct, frozen=True, tag_field="type", tag="alert"):
+# omit_defaults: `raw_score` (None unless smoothed) is left out of the JSON, so an unsmoothed
+# alert is what it was before the field; no other field of an alert has a default.
+class Alert(msgspec.Struct, frozen=True, tag_field="type", tag="alert", omit_defaults=True):
     """One anomalous event, published to the alert topic keyed by entity."""
 
     alert_id: str
@@ -51,12 +63,13 @@ class Alert(msgspec.Struct, frozen=True, tag_field="type", tag="alert"):
     event_id: str | int | None
     event_time: str
     detected_at: str
-    score: float
+    score: Annotated[float, msgspec.Meta(description=SCORE)]
     threshold: float
     quantile: float
     model: ModelRef
     top_features: list[FeatureContribution]
     source: SourcePosition
+    raw_score: Annotated[float | None, msgspec.Meta(description=RAW_SCORE)] = None
 
 
 IncidentStatus = Literal["open", "update", "resolve"]

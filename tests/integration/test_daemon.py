@@ -266,3 +266,5 @@ def test_smoothing_from_the_config_alerts_as_the_evaluator_does(
         a.source.offset for a in feed(build_pipeline(s, bundle, bundle.load_scorer()), stream)
     ]
     assert got == expected == [SPIKES[0], SPIKES[2]]
+    # On the wire: the smoothed score that cleared the threshold, and the event's own.
+    assert all(a["score"] > a["threshold"] and a["raw_score"] > a["score"] for a in alerts)

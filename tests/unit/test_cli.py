@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -69,3 +70,23 @@ def test_label_rate_without_a_feedback_topic_exits_2_naming_it(tmp_path) -> None
     )
     assert done.returncode == 2, done.stderr
     assert "control.feedback_topic" in done.stderr
+
+
+def test_tail_prints_the_raw_score_of_a_smoothed_alert() -> None:
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from streamer.__main__ import _describe
+
+    alert = {
+        "type": "alert", "entity_field": "sensor_id", "entity": "s-03", "event_id": 7,
+        "event_time": "2026-01-01T00:00:00.000+00:00", "score": 0.52, "threshold": 0.5,
+        "top_features": [{"feature": "x", "actual": 3.0, "reconstructed": 1.0}],
+    }  # fmt: skip
+    args = Namespace(dead_letters=False, json=False)
+    plain = _describe(SimpleNamespace(value=json.dumps(alert).encode()), args)
+    assert "score=0.52 > 0.5 | x=3" in plain and "raw" not in plain
+    smoothed = _describe(
+        SimpleNamespace(value=json.dumps({**alert, "raw_score": 4.1}).encode()), args
+    )
+    assert "score=0.52 > 0.5 (raw 4.1) | x=3" in smoothed

@@ -308,3 +308,27 @@ def test_control_judges_the_entitys_smoothed_score(orders_bundle: bundles.Bundle
     factor = d.settings.control.false_positive_factor
     # The same warm start, so both customers' first rows face the same bar.
     assert b.threshold == pytest.approx(factor * a.threshold)
+
+
+def test_an_alert_carries_its_entitys_smoothed_score(orders_bundle: bundles.Bundle) -> None:
+    """Per entity too: `score` is the entity's smoothed score, above its own `threshold`,
+    `raw_score` the event's own; an incident's `max_score` is on the same scale."""
+    s = settings({"ewma_alpha": 0.1}, incidents={"enabled": True})
+    p = build_pipeline(s, orders_bundle, orders_bundle.load_scorer())
+    entities = p.state.thresholds
+    assert isinstance(entities, EntitySmoothedThresholds)
+    messages = stream()
+    alerts, incidents = [], []
+    for i in range(0, len(messages), 50):
+        result = p.process(messages[i : i + 50])
+        row = {m.offset: r for r, m in enumerate(result.scored)}
+        for a in result.alerts:
+            r = row[a.source.offset]
+            assert a.score == entities.last_smoothed[r] > a.threshold
+            assert a.raw_score == float(result.scores[r]) != a.score
+        alerts += result.alerts
+        incidents += result.incidents
+    assert set(SPIKES) <= set(offsets(alerts))
+    assert incidents and all(m.max_score > m.threshold for m in incidents)
+    top = {a.alert_id: a.score for a in alerts}
+    assert all(m.max_score >= top[m.first_alert_id] for m in incidents)

@@ -97,7 +97,8 @@ def test_published_schema_is_current_and_accepts_real_messages() -> None:
     (opened,) = t.observe([a], [0.0], now={0: 0.0})
     (resolved,) = t.observe([], [], now={0: 5.0})
     validator = jsonschema.Draft202012Validator(schema)
-    for message in (a, opened, resolved):
+    smoothed = msgspec.structs.replace(a, raw_score=2.0 * a.score)
+    for message in (a, smoothed, opened, resolved):
         doc = json.loads(msgspec.json.encode(message))
         validator.validate(doc)
     bad = json.loads(msgspec.json.encode(opened))

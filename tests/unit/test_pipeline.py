@@ -10,7 +10,14 @@ from streamer import bundle as bundles
 from streamer.app import build_pipeline
 from streamer.config import from_mapping
 from streamer.pipeline import Pipeline
-from streamer.records import RawMessage, alert_id
+from streamer.records import (
+    Alert,
+    FeatureContribution,
+    ModelRef,
+    RawMessage,
+    SourcePosition,
+    alert_id,
+)
 from training.simulate import simulate
 
 SETTINGS = from_mapping(
@@ -63,6 +70,7 @@ def test_alert_contents(pipeline: Pipeline) -> None:
     assert alert.entity == event["customer_id"] and alert.entity_field == "customer_id"
     assert alert.event_time.startswith(event["created_at"][:19])
     assert alert.score > alert.threshold == result.threshold
+    assert alert.raw_score is None  # no smoothing: `score` is the raw score
     assert alert.quantile == SETTINGS.threshold.quantile
     assert alert.model.kind == "dense" and len(alert.model.version) == 16
     assert (alert.source.topic, alert.source.partition, alert.source.offset) == ("orders", 1, 199)
@@ -123,3 +131,27 @@ def test_float32_overflow_is_a_dead_letter_not_an_alert(pipeline: Pipeline) -> N
     assert [d.reason for d in result.dead_letters] == ["non_finite"]
     assert "items" in result.dead_letters[0].detail
     assert result.scores.size == 2 and np.isfinite(result.scores).all()
+
+
+def test_an_unsmoothed_alert_on_the_wire() -> None:
+    """The JSON subscribers get, byte for byte: `raw_score` (smoothing only) is left out."""
+    alert = Alert(
+        alert_id=alert_id("orders", 2, 1234), schema_version=2, profile="orders",
+        entity_field="customer_id", entity="c-00097", event_id="o-000000267",
+        event_time="2026-11-26T07:19:10.417+00:00", detected_at="2026-11-26T07:19:10.602+00:00",
+        score=0.456, threshold=0.441, quantile=0.999, model=ModelRef("c265694b2ea78bff", "dense"),
+        top_features=[FeatureContribution("items", 4.0, 1.36, 0.41)],
+        source=SourcePosition("orders", 2, 1234),
+    )  # fmt: skip
+    assert msgspec.json.encode(alert) == (
+        b'{"type":"alert","alert_id":"8118f2462744f29e013354d77a00e500","schema_version":2,'
+        b'"profile":"orders","entity_field":"customer_id","entity":"c-00097",'
+        b'"event_id":"o-000000267","event_time":"2026-11-26T07:19:10.417+00:00",'
+        b'"detected_at":"2026-11-26T07:19:10.602+00:00","score":0.456,"threshold":0.441,'
+        b'"quantile":0.999,"model":{"version":"c265694b2ea78bff","kind":"dense"},'
+        b'"top_features":[{"feature":"items","actual":4.0,"reconstructed":1.36,'
+        b'"contribution":0.41}],"source":{"topic":"orders","partition":2,"offset":1234}}'
+    )
+    smoothed = msgspec.structs.replace(alert, raw_score=3.2)
+    assert msgspec.json.encode(smoothed).endswith(b',"offset":1234},"raw_score":3.2}')
+    assert msgspec.json.decode(msgspec.json.encode(alert), type=Alert) == alert

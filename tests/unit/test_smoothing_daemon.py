@@ -235,3 +235,55 @@ def test_evaluator_detectors_refuse_what_the_daemon_config_refuses() -> None:
     bad = {**ok, "threshold": {"per_entity": True}, "smoothing": {"ewma_alpha": 0.1}}
     with pytest.raises(msgspec.ValidationError, match=r"threshold\.per_entity"):
         msgspec.convert(bad, DetectorSettings)
+
+
+def test_an_alert_carries_the_smoothed_score_it_was_judged_by(
+    orders_bundle: bundles.Bundle,
+) -> None:
+    """`score` is the smoothed score the threshold compared, so it is above `threshold`;
+    `raw_score` is the event's own reconstruction error (the old `score`)."""
+    p = build_pipeline(settings({"ewma_alpha": 0.1}), orders_bundle, orders_bundle.load_scorer())
+    assert isinstance(p.threshold, SmoothedThreshold)
+    stream = spiky_stream()
+    alerts = []
+    for i in range(0, len(stream), 50):
+        result = p.process(stream[i : i + 50])
+        row = {m.offset: r for r, m in enumerate(result.scored)}
+        for a in result.alerts:
+            r = row[a.source.offset]
+            assert a.score == p.threshold.last_smoothed[r] > a.threshold == result.threshold
+            assert a.raw_score == float(result.scores[r]) != a.score
+            alerts.append(a)
+    assert set(SPIKES) <= set(offsets(alerts))
+    doc = msgspec.json.decode(msgspec.json.encode(alerts[0]))
+    assert doc["score"] == alerts[0].score and doc["raw_score"] == alerts[0].raw_score
+
+
+def test_without_a_smoother_the_alert_has_no_raw_score(orders_bundle: bundles.Bundle) -> None:
+    """[smoothing] that only shapes alerts (a cooldown) compares the raw score: no raw_score."""
+    p = build_pipeline(settings({"cooldown_rows": 100}), orders_bundle, orders_bundle.load_scorer())
+    alerts = feed(p, spiky_stream())
+    assert offsets(alerts) and all(a.raw_score is None for a in alerts)
+    assert all(b"raw_score" not in msgspec.json.encode(a) for a in alerts)
+
+
+def test_a_replay_rebuilds_incidents_from_raw_scores(
+    orders_bundle: bundles.Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay leaves the one-stream smoothing alone, so it judges (and its alerts, which
+    only feed the incident tracker, carry) the raw score, with no raw_score beside it."""
+    p = build_pipeline(
+        settings({"ewma_alpha": 0.1}, incidents={"enabled": True}),
+        orders_bundle,
+        orders_bundle.load_scorer(),
+    )
+    tracker = p.state.incidents
+    assert tracker is not None
+    seen: list[Alert] = []
+    observe = tracker.observe
+    monkeypatch.setattr(tracker, "observe", lambda a, *rest: seen.extend(a) or observe(a, *rest))
+    result = p.process(spiky_stream()[295:305], replay=True)
+    assert result.alerts == [] and 300 in offsets(seen)
+    spike = next(a for a in seen if a.source.offset == 300)
+    assert spike.score == float(result.scores[300 - 295]) > spike.threshold
+    assert spike.raw_score is None
