@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
 export TF_CPP_MIN_LOG_LEVEL=2
-.venv/bin/ruff check streamer training tests bench
-.venv/bin/ruff format --check streamer training tests bench
+.venv/bin/ruff check streamer training tests bench eval
+.venv/bin/ruff format --check streamer training tests bench eval
 .venv/bin/mypy
 check() {
   local rc=0
