@@ -13,6 +13,10 @@ is timed over the batches, cycling, until `--min-seconds` have gone by; repeats 
 (baseline, candidates, again), median. Thresholds: the daemon's defaults (window 10,000,
 quantile 0.999, min_samples 500) unless the candidate says otherwise.
 
+Each candidate that smooths with the EWMA or shapes alerts also runs as a reference, with the
+per-row loops that `ewma` and `shape` were before they were vectorized (`smoothing.ewma_loop`,
+`shape_loop`; `--no-reference` leaves them out); both must alert on exactly the same rows.
+
 Prints a markdown table: us per batch, ns per row, the ratio to the baseline, and the extra
 ns per row over the baseline as a share of `--row-budget-us`, the cost of one row through
 the whole dense pipeline (bench/README.md, stages: `Pipeline.process` at batch 1,000,
@@ -32,11 +36,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+if __name__ == "__main__":  # a test that imports it leaves its process's environment alone
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
+from streamer import smoothing
 from streamer.config import ThresholdSettings
 from streamer.smoothing import SmoothedThreshold, SmoothingSettings
 from streamer.threshold import RollingQuantileThreshold
@@ -49,6 +55,20 @@ class Candidate(NamedTuple):
     settings: SmoothingSettings
     window_size: int = DEFAULTS.window_size
     min_samples: int = DEFAULTS.min_samples
+    loops: bool = False  # the per-row loops SmoothedThreshold had before (the reference)
+
+
+class LoopSmoothedThreshold(SmoothedThreshold):
+    """SmoothedThreshold with smoothing.ewma_loop and shape_loop, the per-row loops it used
+    before ewma and shape were vectorized: the module's functions are swapped during judge."""
+
+    def judge(self, scores: np.ndarray) -> np.ndarray:
+        saved = smoothing.ewma, smoothing.shape
+        smoothing.ewma, smoothing.shape = smoothing.ewma_loop, smoothing.shape_loop
+        try:
+            return super().judge(scores)
+        finally:
+            smoothing.ewma, smoothing.shape = saved
 
 
 CANDIDATES = {
@@ -60,6 +80,7 @@ CANDIDATES = {
     ),
     "(d) mean_rows 10 + likelihood": Candidate(SmoothingSettings(mean_rows=10, likelihood=0.99999)),
 }
+LOOPS = " - reference: per-row loops"
 
 
 def stream(rows: int, seed: int) -> np.ndarray:
@@ -80,13 +101,19 @@ def timed(call: Callable[[int], object], n: int, min_seconds: float) -> float:
     return (time.perf_counter() - started) / calls
 
 
+def has_loops(s: SmoothingSettings) -> bool:
+    """Whether SmoothedThreshold ran a per-row loop with these settings before."""
+    return s.ewma_alpha < 1.0 or s.min_consecutive > 1 or s.once_per_run or s.cooldown_rows > 0
+
+
 def make(candidate: Candidate | None, warm: np.ndarray) -> RollingQuantileThreshold:
     """A fresh threshold from the warm start: the baseline without smoothing."""
     if candidate is None:
         return RollingQuantileThreshold(
             DEFAULTS.window_size, DEFAULTS.quantile, DEFAULTS.min_samples, warm
         )
-    return SmoothedThreshold(
+    kind = LoopSmoothedThreshold if candidate.loops else SmoothedThreshold
+    return kind(
         candidate.window_size, DEFAULTS.quantile, candidate.min_samples, warm, candidate.settings
     )
 
@@ -108,34 +135,45 @@ def main(argv: list[str] | None = None) -> int:
         default=2.15,
         help="us per row of the whole pipeline, to put the extra cost in perspective",
     )
+    ap.add_argument(
+        "--no-reference", action="store_true", help="leave out the per-row loop candidates"
+    )
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.batches.split(",")]
     if args.rows < max(sizes):
         ap.error(f"a stream of {args.rows:,} rows is shorter than batch {max(sizes):,}")
     warm = np.random.default_rng(0).gamma(2.0, 0.5, 2000)
     scores = stream(args.rows, seed=1)
-    makers: dict[str, Candidate | None] = {BASELINE: None, **CANDIDATES}
+    makers: dict[str, Candidate | None] = {BASELINE: None}
+    for name, cand in CANDIDATES.items():
+        makers[name] = cand
+        if not args.no_reference and has_loops(cand.settings):
+            makers[name + LOOPS] = cand._replace(loops=True)
     load_before = os.getloadavg()
     started = time.monotonic()
     rows = []
     for size in sizes:
         data = [scores[i : i + size] for i in range(0, args.rows - size + 1, size)]
         seconds: dict[str, list[float]] = {k: [] for k in makers}
-        alerts: dict[str, float] = {}
+        flags: dict[str, np.ndarray] = {}
         for _ in range(args.repeats):
             for name, candidate in makers.items():
                 t = make(candidate, warm)
-                flagged = sum(int(t.judge(batch).sum()) for batch in data)  # untimed pass
-                alerts[name] = flagged / len(data)
+                flags[name] = np.concatenate([t.judge(batch) for batch in data])  # untimed
                 seconds[name].append(timed(judging(t, data), len(data), args.min_seconds))
+        for name in makers:  # the vectorized functions alert exactly as the loops did
+            if name.endswith(LOOPS) and not np.array_equal(flags[name], flags[name[: -len(LOOPS)]]):
+                print(f"batch {size}: {name} alerts differently", file=sys.stderr)
+                return 1
         base = statistics.median(seconds[BASELINE])
         for name, s in seconds.items():
             m = statistics.median(s)
+            alerts = flags[name].sum() / len(data)
             extra_ns = 1e9 * (m - base) / size
             rows.append(
                 f"| {size:,} | {name} | {1e6 * m:,.1f} | {1e9 * m / size:,.1f} | "
                 f"{m / base:.2f}x | {extra_ns:+,.0f} | "
-                f"{extra_ns / (10 * args.row_budget_us):+.1f}% | {alerts[name]:.2f} |"
+                f"{extra_ns / (10 * args.row_budget_us):+.1f}% | {alerts:.2f} |"
             )
     load_after = os.getloadavg()
     print(
