@@ -64,6 +64,7 @@ one state per replica: for single-source feeds); the evaluator runs one pipeline
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from statistics import NormalDist
 
 import msgspec
@@ -117,15 +118,81 @@ MIN_RELATIVE_STD = 1e-3
 def ewma(scores: np.ndarray, alpha: float, level: float | None = None) -> np.ndarray:
     """Exponentially weighted moving average; starts from `level` (or the first score).
 
+    The same numbers as the per-row recurrence (`ewma_loop`) to rounding, without a Python
+    loop per row: `decay_scan` of `alpha * scores`.
+
     >>> ewma(np.array([2.0, 4.0, 4.0]), 0.5).tolist()
     [2.0, 3.0, 3.5]
     """
-    if alpha == 1.0:  # no smoothing: skip the per-row loop
+    x = np.array(scores, dtype=np.float64)
+    if alpha == 1.0 or x.size == 0:  # no smoothing
+        return x
+    if level is None:  # the first score is its own average, as in the loop
+        level = float(x[0])
+        return np.concatenate([x[:1], decay_scan(alpha * x[1:], 1.0 - alpha, level)])
+    return decay_scan(alpha * x, 1.0 - alpha, level)
+
+
+def ewma_loop(scores: np.ndarray, alpha: float, level: float | None = None) -> np.ndarray:
+    """`ewma` one row at a time: the reference its tests and bench/smoothing.py compare with.
+
+    >>> ewma_loop(np.array([2.0, 4.0, 4.0]), 0.5).tolist()
+    [2.0, 3.0, 3.5]
+    """
+    if alpha == 1.0:
         return np.array(scores, dtype=np.float64)
     out = np.empty(scores.size, dtype=np.float64)
     current = level
     for i, s in enumerate(np.asarray(scores, dtype=np.float64)):
         current = s if current is None else alpha * s + (1.0 - alpha) * current
+        out[i] = current
+    return out
+
+
+# decay_scan's blocks: decay ** -t grows to at most 2 ** GROWTH_BITS within a block.
+GROWTH_BITS = 200
+
+
+def decay_scan(values: np.ndarray, decay: float, start: float) -> np.ndarray:
+    """y[t] = decay * y[t - 1] + values[t], from y[-1] = `start`, for 0 < decay < 1.
+
+    In closed form, block by block: within a block of B rows, y[t] = decay ** t *
+    (decay * start + cumsum(values[j] * decay ** -j)[t]), one cumsum for all blocks (one row
+    of a 2-D array each); then a loop over the blocks, not the rows, carries each block's
+    last value into the next. The rounding error is that of the recurrence (about eps /
+    (1 - decay) relative to the average of |values|): the scaled terms grow by at most
+    2 ** GROWTH_BITS within a block, which moves the exponent, not the relative error, and
+    keeps them far from overflow.
+
+    >>> decay_scan(np.array([1.0, 1.0, 1.0]), 0.5, 4.0).tolist()
+    [3.0, 2.5, 2.25]
+    """
+    n = values.size
+    if n == 0:
+        return np.empty(0)
+    finite = values[np.isfinite(values)]
+    if finite.size and float(np.abs(finite).max()) > 2.0 ** (900 - GROWTH_BITS):
+        return _decay_loop(values, decay, start)  # scaled terms could overflow
+    block = min(n, max(1, int(GROWTH_BITS * math.log(2.0) / -math.log(decay))))
+    blocks = -(-n // block)
+    t = np.arange(block)
+    grown = np.zeros(blocks * block)
+    grown[:n] = values
+    grown = grown.reshape(blocks, block) * decay**-t
+    # Each block from 0: local[b, t] = sum over j <= t of decay ** (t - j) * values[b, j].
+    local = np.cumsum(grown, axis=1) * decay**t
+    carry, after = [start], decay**block
+    for end in local[:-1, -1].tolist():
+        carry.append(after * carry[-1] + end)
+    local += np.multiply.outer(np.array(carry), decay ** (t + 1))
+    return local.reshape(-1)[:n]
+
+
+def _decay_loop(values: np.ndarray, decay: float, start: float) -> np.ndarray:
+    out = np.empty(values.size)
+    current = start
+    for i, v in enumerate(values.tolist()):
+        current = v + decay * current
         out[i] = current
     return out
 
@@ -236,11 +303,61 @@ def shape(
     `cooldown_rows`. `run` (rows above so far) and `quiet` (cooldown rows left) carry the
     state between batches; returns (alerts, rows in a cooldown, run, quiet).
 
+    The same as the per-row loop (`shape_loop`), with a Python loop over alerts only: each
+    row's run length comes from the last row not above; a row may alert at the
+    `min_consecutive`-th row of its run (or any later one, without `once_per_run`); the
+    first such row at or after the end of the cooldown alerts and starts the next one.
+
     >>> above = np.array([1, 1, 1, 1, 0, 1], dtype=bool)
     >>> shape(above, SmoothingSettings(min_consecutive=2, cooldown_rows=1))[0].tolist()
     [False, True, False, True, False, False]
     >>> shape(above, SmoothingSettings(once_per_run=True))[0].tolist()
     [True, False, False, False, False, True]
+    """
+    need, rest, once = settings.min_consecutive, settings.cooldown_rows, settings.once_per_run
+    n = above.size
+    cooling = np.zeros(n, dtype=bool)
+    if need == 1 and rest == 0 and not once:
+        return above, cooling, run, quiet
+    if n == 0:
+        return np.zeros(0, dtype=bool), cooling, run, quiet
+    up = np.asarray(above, dtype=bool)
+    rows = np.arange(n)
+    last_below = np.maximum.accumulate(np.where(up, -1, rows))
+    runs = np.where(up, rows - last_below + np.where(last_below < 0, run, 0), 0)
+    may = runs == need if once else runs >= need
+    out = np.zeros(n, dtype=bool)
+    if rest == 0:  # only a carried cooldown to sit out
+        out[quiet:] = may[quiet:]
+        cooling[:quiet] = True
+        return out, cooling, int(runs[-1]), max(0, quiet - n)
+    candidates = np.flatnonzero(may).tolist()
+    alerts: list[int] = []
+    free = quiet  # the first row after the cooldown
+    k = bisect_left(candidates, free)
+    while k < len(candidates):
+        alerts.append(candidates[k])
+        free = candidates[k] + 1 + rest
+        k = bisect_left(candidates, free, k + 1)
+    starts = np.array(alerts, dtype=np.intp) + 1  # each alert's cooldown: [start, start + rest)
+    out[starts - 1] = True
+    edges = np.zeros(n + 1, dtype=np.intp)  # +1 where a cooldown starts, -1 where it ends
+    if quiet:
+        edges[0], edges[min(quiet, n)] = 1, -1
+    edges[starts] += 1  # no two cooldowns start or end on the same row
+    edges[np.minimum(starts + rest, n)] -= 1
+    cooling = np.cumsum(edges[:n]) > 0
+    return out, cooling, int(runs[-1]), max(0, free - n)
+
+
+def shape_loop(
+    above: np.ndarray, settings: SmoothingSettings, run: int = 0, quiet: int = 0
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """`shape` one row at a time: the reference its tests and bench/smoothing.py compare with.
+
+    >>> above = np.array([1, 1, 1, 1, 0, 1], dtype=bool)
+    >>> shape_loop(above, SmoothingSettings(min_consecutive=2, cooldown_rows=1))[0].tolist()
+    [False, True, False, True, False, False]
     """
     need, rest, once = settings.min_consecutive, settings.cooldown_rows, settings.once_per_run
     cooling = np.zeros(above.size, dtype=bool)
