@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import msgspec
 import numpy as np
 import pytest
 
 from streamer.aggregates import AggregateState
-from streamer.config import ControlSettings
+from streamer.app import Detector
+from streamer.config import ControlSettings, from_mapping
 from streamer.control import ControlError, ControlState, SetThreshold
 from streamer.features import FeatureSpec, LabelRate
 from streamer.threshold import RollingQuantileThreshold
@@ -163,3 +166,34 @@ def test_a_repeated_label_is_a_duplicate_and_counts_once() -> None:
     assert c.apply_feedback(other, key=None) == ("label", "applied")
     x = state.update([Event(tx="t9", card=9, shop="s", ts=3600.0)])
     assert x.tolist() == [[2.0, 0.5]]  # two of the four events, each once
+
+
+def test_the_feedback_path_counts_a_duplicate_label_apart() -> None:
+    """The daemon's feedback loop: a redelivered label is counted as `duplicate` in
+    anomaly_feedback_total, and changes no feature."""
+    settings = from_mapping(
+        {"profile": "orders", "model": {"bundle": "unused"},
+         "kafka": {"input_topic": "in", "alert_topic": "a", "dead_letter_topic": "d"},
+         "control": {"feedback_topic": "fb"}}
+    )  # fmt: skip
+    d = Detector(settings)
+    assert d._control is not None
+    spec = LABELED
+    state = AggregateState(spec, labels=d._control.labels)  # as build_pipeline shares it
+    Event = spec.event_type()
+    state.update([Event(tx=k, card=k, shop="s", ts=60.0 * k) for k in range(4)])
+    value = msgspec.json.encode(
+        {"type": "label", "key_field": "shop", "key": "s", "event_id": 2, "event_time": 120,
+         "anomaly": True}
+    )  # fmt: skip
+    records = [SimpleNamespace(topic="fb", partition=0, offset=k, key=None, value=value)
+               for k in range(3)]  # fmt: skip
+    d._apply_control(records)
+
+    def feedback(outcome: str) -> float | None:
+        return d.registry.get_sample_value(
+            "anomaly_feedback_total", {"type": "label", "outcome": outcome}
+        )
+
+    assert (feedback("applied"), feedback("duplicate"), feedback("unmatched")) == (1.0, 2.0, 0.0)
+    assert state.update([Event(tx=9, card=9, shop="s", ts=3600.0)]).tolist() == [[1.0, 0.25]]
