@@ -39,7 +39,8 @@ and the running count of the hours [head, end) before the window's end hour; abo
 per hour with events in the longest window plus delay. The confirmed counts are not here but
 in a `LabelStore` (labels arrive apart from events, from every partition): it outlives
 `clear()`, and each event sums its key's labeled hours in the windows (few: labels are rare).
-`confirm(event)` is the label of one processed event becoming known; in a time-ordered
+`confirm(event)` is the label of one processed event becoming known, counted once per event
+id however often it is confirmed (`streamer.labels`); in a time-ordered
 stream whose labels arrive `delay` after their events (`streamer.labels.deliveries`), the
 rate is the share of the window's events that are anomalous.
 
@@ -189,10 +190,14 @@ class AggregateState:
 
     def confirm(self, event: Any) -> int:
         """The label "anomalous" of one event becomes known: count it for every key field of
-        the spec's LabelRate columns. Returns how many keys took it."""
+        the spec's LabelRate columns, once per event (its `id_field` value names it, so a
+        repeat counts nothing). Returns how many keys counted it."""
+        if not self.spec.id_field:  # no LabelRate column (FeatureSpec requires it with one)
+            return 0
         t = self._seconds(getattr(event, self.spec.time_field))
+        event_id = getattr(event, self.spec.id_field)
         return sum(
-            self.labels.add(key_field, getattr(event, key_field), t)
+            self.labels.add(key_field, getattr(event, key_field), t, event_id) == "counted"
             for key_field, _, _, rates in self._groups
             if rates
         )

@@ -13,21 +13,24 @@ Feedback (JSON on `control.feedback_topic`, keyed by the alert or incident id):
 
     {"type": "false_positive", "entity": "c-00097", "alert_id": "5d0c..."}
     {"type": "ack", "incident_id": "9b1f..."}
-    {"type": "label", "key_field": "terminal_id", "key": "T123",
+    {"type": "label", "key_field": "terminal_id", "key": "T123", "event_id": "tx-981",
      "event_time": 1530403200, "anomaly": true}
 
 A `label` confirms that an event was anomalous (fraud, say), whenever that becomes known: the
-event of `key` (its `key_field` value, with the JSON type the events carry) at `event_time`
-(the spec's time format: epoch seconds or milliseconds, or an ISO 8601 string with a zone).
-It feeds the `label_rate` feature columns keyed by `key_field` (streamer/features.py): later
-events of that key see it once their window reaches back to its event time. `anomaly: false`
-is accepted and changes nothing (every event already counts in the rate's denominator); a
-label whose `key_field` no label_rate column uses, or that is older than the columns' reach,
-is "unmatched". Labels are kept apart from the per-partition state (streamer/labels.py), so
-they outlive partition moves and model reloads; every replica reads them all. Send each
-label once: a repeated one counts twice (the rate is capped at 1). The denominator is the
-events this replica scored, so the rate is exact when one replica sees all of a key's events
-(a single replica, or input keyed by the label_rate key).
+event `event_id` (its value of the spec's `id_field`, as alerts carry it) of `key` (its
+`key_field` value; both with the JSON type the events carry) at `event_time` (the spec's
+time format: epoch seconds or milliseconds, or an ISO 8601 string with a zone). It feeds the
+`label_rate` feature columns keyed by `key_field` (streamer/features.py): later events of
+that key see it once their window reaches back to its event time. `anomaly: false` is
+accepted and changes nothing (every event already counts in the rate's denominator); a label
+whose `key_field` no label_rate column uses, or that is older than the columns' reach, is
+"unmatched". A label counts once per event: a repeat (same `key_field`, `key` and
+`event_id`; Kafka redelivers, investigators confirm twice) is a "duplicate" and changes
+nothing. Labels are kept apart from the per-partition state (streamer/labels.py), so they
+outlive partition moves and model reloads; every replica reads them all, and a restarted
+one re-reads the topic from its start into an empty store, so each label again counts once.
+The denominator is the events this replica scored, so the rate is exact when one replica
+sees all of a key's events (a single replica, or input keyed by the label_rate key).
 
 A false positive raises that entity's threshold: whatever threshold judges the entity
 (global, its own, or a fixed override) is multiplied by `false_positive_factor` per false
@@ -132,6 +135,7 @@ class Label(_Feedback, tag="label", frozen=True, forbid_unknown_fields=True):
 
     key_field: str
     key: str | int
+    event_id: str | int  # the event's `id_field` value: a label counts once per event
     event_time: Annotated[datetime, msgspec.Meta(tz=True)] | int | float
     anomaly: bool
     note: str | None = None
@@ -192,7 +196,8 @@ class ControlState:
         return type(message).__struct_config__.tag  # type: ignore[return-value]
 
     def apply_feedback(self, value: bytes | None, key: bytes | None) -> tuple[str, str]:
-        """Apply one feedback message; returns (type, "applied" | "unmatched")."""
+        """Apply one feedback message; returns (type, "applied" | "unmatched" | "duplicate",
+        the last for a label counted already)."""
         try:
             message = self._feedback.decode(value or b"")
         except (msgspec.DecodeError, ValueError) as exc:
@@ -222,9 +227,10 @@ class ControlState:
             return "unmatched"
         if not message.anomaly:
             return "applied"  # nothing to count: the event is in the denominator already
-        return (
-            "applied" if self.labels.add(message.key_field, message.key, seconds) else "unmatched"
-        )
+        outcome = self.labels.add(message.key_field, message.key, seconds, message.event_id)
+        if outcome == "counted":
+            return "applied"
+        return "duplicate" if outcome == "duplicate" else "unmatched"
 
     def remember(self, ids: Sequence[str], entities: Sequence[Hashable]) -> None:
         """Alert and incident ids just published, so feedback without an entity finds it."""

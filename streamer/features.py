@@ -131,8 +131,10 @@ class LabelRate(_Column, tag="label_rate", frozen=True):
     event time t, let e be the hour that holds t - delay; window w covers the w / 1h whole
     hours before e, i.e. event times in [(e - w/1h) h, e h), about [t - delay - w, t - delay):
     - count: k's events in it that this state has processed;
-    - confirmed: positive labels received so far for k's events in it;
-    - rate: confirmed / count, at most 1 (a label sent twice counts twice), 0 with no events.
+    - confirmed: k's events in it confirmed anomalous by the labels received so far, each
+      counted once however often its label arrives (labels name their event by the spec's
+      `id_field`, which a spec with label_rate columns must have; see `streamer.labels`);
+    - rate: confirmed / count, at most 1, 0 with no events.
     The delay is why the feature can be trusted: in production confirmations come late,
     and a window that ends `delay` ago holds only events whose labels are in (when they
     arrive within `delay`). Windows and delay are whole hours. `key` None: `entity_field`.
@@ -180,6 +182,11 @@ class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         names = self.feature_names()
         if len(set(names)) != len(names):
             raise ValueError("feature spec builds the same feature twice")
+        if self.labeled and not self.id_field:
+            raise ValueError(
+                "id_field: label_rate columns count each labeled event once, by its id, "
+                "however often its label arrives; set the event field that identifies an event"
+            )
 
     @property
     def stateful(self) -> bool:

@@ -10,17 +10,27 @@ Unlike the per-entity aggregates, a store is not a function of the partitions a 
 every replica reads the whole feedback topic, so the store survives partition moves and
 model reloads (the app keeps one per process, in `ControlState`).
 
+A label counts once per labeled event, named by its id (the spec's `id_field`): Kafka
+delivers at least once, the feedback topic is re-read from the start, and two investigators
+may confirm the same event, so the same label can arrive many times. A repeat (same key
+field, key and event id, whatever its time) while the first is held is a "duplicate".
+
 >>> store = LabelStore(key_fields={"terminal_id"}, horizon_seconds=86400.0)
->>> store.add("terminal_id", 7, 3600.0 * 5 + 10)
-True
->>> store.add("customer_id", 1, 0.0)  # no label_rate column is keyed by it
-False
+>>> store.add("terminal_id", 7, 3600.0 * 5 + 10, event_id="tx-1")
+'counted'
+>>> store.add("terminal_id", 7, 3600.0 * 5 + 10, event_id="tx-1")  # delivered again
+'duplicate'
+>>> store.add("customer_id", 1, 0.0, event_id="tx-1")  # no label_rate column is keyed by it
+'unused'
 >>> store.confirmed("terminal_id", 7, [(0, 5), (5, 6)])
 [0, 1]
 
-Memory: at most `max_keys` keys (least recently labeled evicted first), each holding the
-buckets of its labels within `horizon_seconds` of its newest one: a dict entry per labeled
-hour, so bounded by max_keys x (horizon / BUCKET_SECONDS + 1) entries.
+Memory: at most `max_keys` keys (least recently labeled evicted first), each holding the ids
+of its labeled events within `horizon_seconds` of its newest one, by hour: about 0.9 KB per
+key and 130 bytes per further labeled event (measured with int ids; a string id adds its
+size), so bounded by max_keys x (a key's labeled events in a horizon). The ids go with their
+hour, so a repeat of a label older than its key's horizon is "stale" and not counted again;
+a key evicted for capacity takes its counts with it, so a later repeat counts anew, once.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from itertools import pairwise
+from typing import Literal
 
 import numpy as np
 
@@ -36,14 +47,30 @@ import numpy as np
 # are whole hours (`streamer.features.LabelRate` requires multiples of it).
 BUCKET_SECONDS = 3600.0
 
+# What `LabelStore.add` did with a label: counted it; found it counted already; no column
+# uses its key field; or it is older than its key's newest label by more than the horizon
+# (or its time is not finite).
+Outcome = Literal["counted", "duplicate", "unused", "stale"]
+
 
 def bucket(seconds: float) -> int:
     """The hour (since the epoch) an event time falls in."""
     return math.floor(seconds / BUCKET_SECONDS)
 
 
+class _Key:
+    """One key's labeled events: their ids by hour, and the hour of each id."""
+
+    __slots__ = ("hour_of", "ids")
+
+    def __init__(self) -> None:
+        self.ids: dict[int, list[Hashable]] = {}  # hour -> ids labeled in it (distinct)
+        self.hour_of: dict[Hashable, int] = {}  # id -> its hour
+
+
 class LabelStore:
-    """Positive labels counted per (key field, key value, hour of the labeled event's time)."""
+    """Positive labels counted per (key field, key value, hour of the labeled event's time),
+    once per labeled event id."""
 
     def __init__(
         self,
@@ -58,7 +85,8 @@ class LabelStore:
         self.max_keys = max_keys
         self.evictions = 0  # keys dropped for capacity
         self.dropped = 0  # labels older than the horizon (or with a non-finite time)
-        self._counts: OrderedDict[tuple[str, Hashable], dict[int, int]] = OrderedDict()
+        self.duplicates = 0  # labels of an event already counted
+        self._keys: OrderedDict[tuple[str, Hashable], _Key] = OrderedDict()
 
     def require(self, key_fields: Iterable[str], horizon_seconds: float) -> None:
         """A feature state's needs: labels of these key fields, kept this long."""
@@ -67,47 +95,53 @@ class LabelStore:
 
     @property
     def keys(self) -> int:
-        return len(self._counts)
+        return len(self._keys)
 
-    def add(self, key_field: str, key: Hashable, seconds: float) -> bool:
-        """Count one confirmed anomaly of `key` at event time `seconds`; False when no column
-        uses `key_field` or the label is older than the key's newest by more than a horizon."""
+    def add(self, key_field: str, key: Hashable, seconds: float, event_id: Hashable) -> Outcome:
+        """Count the confirmed anomaly `event_id` of `key` at event time `seconds`, unless it
+        is counted already, no column uses `key_field`, or it is older than the key's newest
+        label by more than a horizon."""
         if key_field not in self.key_fields:
-            return False
+            return "unused"
         if not math.isfinite(seconds):
             self.dropped += 1
-            return False
+            return "stale"
         b = bucket(seconds)
         at = (key_field, key)
-        counts = self._counts.get(at)
-        if counts is None:
-            counts = self._counts[at] = {}
-            if len(self._counts) > self.max_keys:
-                self._counts.popitem(last=False)
+        held = self._keys.get(at)
+        if held is None:
+            held = self._keys[at] = _Key()
+            if len(self._keys) > self.max_keys:
+                self._keys.popitem(last=False)
                 self.evictions += 1
         else:
-            self._counts.move_to_end(at)
+            self._keys.move_to_end(at)
+        if event_id in held.hour_of:
+            self.duplicates += 1
+            return "duplicate"
         h = math.ceil(self.horizon_seconds / BUCKET_SECONDS)
-        newest = max(counts, default=b)
+        newest = max(held.ids, default=b)
         if b < newest - h:
             self.dropped += 1
-            return False
-        counts[b] = counts.get(b, 0) + 1
-        if b > newest:  # a newer hour: those more than a horizon before it can go
-            for old in [k for k in counts if k < b - h]:
-                del counts[old]
-        return True
+            return "stale"
+        held.ids.setdefault(b, []).append(event_id)
+        held.hour_of[event_id] = b
+        if b > newest:  # a newer hour: those more than a horizon before it go, ids and all
+            for old in [k for k in held.ids if k < b - h]:
+                for i in held.ids.pop(old):
+                    del held.hour_of[i]
+        return "counted"
 
     def confirmed(self, key_field: str, key: Hashable, spans: list[tuple[int, int]]) -> list[int]:
         """Labels of `key` in each bucket span [lo, hi)."""
-        counts = self._counts.get((key_field, key))
+        held = self._keys.get((key_field, key))
         out = [0] * len(spans)
-        if not counts:
+        if held is None:
             return out
-        for b, n in counts.items():
+        for b, ids in held.ids.items():
             for i, (lo, hi) in enumerate(spans):
                 if lo <= b < hi:
-                    out[i] += n
+                    out[i] += len(ids)
         return out
 
 

@@ -129,7 +129,8 @@ class Metrics:
         )
         self.feedback = Counter(
             "anomaly_feedback",
-            "Feedback-topic messages by type: applied, unmatched (entity unknown) or refused",
+            "Feedback-topic messages by type: applied, unmatched (entity or key unknown), "
+            "duplicate (a label already counted) or refused",
             ["type", "outcome"],
             registry=registry,
         )
@@ -147,6 +148,8 @@ class Metrics:
         for kind in ("ack", "false_positive"):
             for outcome in ("applied", "unmatched", "refused"):
                 self.feedback.labels(kind, outcome)
+        for outcome in ("applied", "unmatched", "duplicate"):  # a refused label is "unknown"
+            self.feedback.labels("label", outcome)
         self.feedback.labels("unknown", "refused")
         for how in ("muted", "override", "raised"):
             self.control_entities.labels(how)

@@ -1,5 +1,5 @@
 """Label feedback on the real broker: a `label` message changes the label_rate feature, and the
-decisions, for that terminal's later events only."""
+decisions, for that terminal's later events only; a redelivered label counts once."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ pytestmark = pytest.mark.integration
 HOUR, DAY = 3600.0, 86400.0
 SPEC = FeatureSpec(
     profile="cards", entity_field="customer_id", time_field="ts", time_format="epoch_s",
+    id_field="transaction_id",
     columns=[Log1p(field="amount"),
              LabelRate(key="terminal_id", windows_seconds=[DAY], delay_seconds=HOUR,
                        stats=["rate"])],
@@ -38,9 +39,9 @@ def train(root: Path) -> Path:
     Event = SPEC.event_type()
     times = np.sort(rng.uniform(T0 - 10 * DAY, T0 - DAY, n))
     events = [
-        Event(customer_id=f"c{rng.integers(300)}", terminal_id=f"T{rng.integers(20)}",
-              ts=float(t), amount=float(rng.uniform(5, 60)))
-        for t in times
+        Event(transaction_id=f"h{k}", customer_id=f"c{rng.integers(300)}",
+              terminal_id=f"T{rng.integers(20)}", ts=float(t), amount=float(rng.uniform(5, 60)))
+        for k, t in enumerate(times)
     ]  # fmt: skip
     labels = (rng.random(n) < 0.02).astype(np.int8)
     history = from_events(SPEC, events, labels, HOUR)
@@ -74,8 +75,8 @@ poll_seconds = 0.2
 
 def transactions(terminal: str, start: float, count: int) -> list[dict[str, object]]:
     return [
-        {"customer_id": f"c-{terminal}-{k}", "terminal_id": terminal, "ts": start + 60.0 * k,
-         "amount": 20.0 + k % 7}
+        {"transaction_id": f"{terminal}@{start:.0f}+{k}", "customer_id": f"c-{terminal}-{k}",
+         "terminal_id": terminal, "ts": start + 60.0 * k, "amount": 20.0 + k % 7}
         for k in range(count)
     ]  # fmt: skip
 
@@ -97,16 +98,18 @@ def test_label_message_raises_the_rate_for_that_terminal_only(
         produce(kafka_bootstrap, topics.input, [encode(e) for e in first])
         daemon.wait_metric("anomaly_events_consumed_total", len(first))
 
-        # Investigators confirm every T-bad transaction of that hour as fraud.
+        # Investigators confirm every T-bad transaction of that hour as fraud, and each
+        # label arrives twice (a retrying producer): the second is a duplicate.
         labels = [
             {"type": "label", "key_field": "terminal_id", "key": "T-bad",
-             "event_time": e["ts"], "anomaly": True}
+             "event_id": e["transaction_id"], "event_time": e["ts"], "anomaly": True}
             for e in first if e["terminal_id"] == "T-bad"
         ]  # fmt: skip
-        produce(kafka_bootstrap, feedback, [encode(m) for m in labels])
+        produce(kafka_bootstrap, feedback, [encode(m) for m in labels + labels])
         daemon.wait_metric(
-            "anomaly_feedback_total", 20, timeout=60, type="label", outcome="applied"
+            "anomaly_feedback_total", 20, timeout=60, type="label", outcome="duplicate"
         )
+        assert daemon.metric("anomaly_feedback_total", type="label", outcome="applied") == 20
 
         later = transactions("T-bad", T0 + 2 * HOUR, 10) + transactions("T-good", T0 + 2 * HOUR, 10)
         produce(kafka_bootstrap, topics.input, [encode(e) for e in later])

@@ -60,7 +60,8 @@ def test_label_rate_without_a_feedback_topic_exits_2_naming_it(tmp_path) -> None
         '[kafka]\ninput_topic = "a"\nalert_topic = "b"\ndead_letter_topic = "c"\n'
         f'[model]\nbundle = "{tmp_path / "nothing"}"\n'
         '[features]\nprofile = "p"\nentity_field = "card"\ntime_field = "ts"\n'
-        'time_format = "epoch_s"\ncolumns = [{ kind = "numeric", field = "amount" }, '
+        'time_format = "epoch_s"\nid_field = "tx"\n'
+        'columns = [{ kind = "numeric", field = "amount" }, '
         '{ kind = "label_rate", key = "terminal", windows_seconds = [86400] }]\n'
     )
     done = subprocess.run(
@@ -70,6 +71,15 @@ def test_label_rate_without_a_feedback_topic_exits_2_naming_it(tmp_path) -> None
     )
     assert done.returncode == 2, done.stderr
     assert "control.feedback_topic" in done.stderr
+    # Without an id field a label could not be told from its repeats: refused at check.
+    cfg.write_text(cfg.read_text().replace('id_field = "tx"\n', ""))
+    done = subprocess.run(
+        [sys.executable, "-m", "streamer", "check", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "id_field" in done.stderr and "features" in done.stderr, done.stderr
 
 
 def test_tail_prints_the_raw_score_of_a_smoothed_alert() -> None:

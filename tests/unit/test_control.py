@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import msgspec
 import numpy as np
 import pytest
 
-from streamer.config import ControlSettings
+from streamer.aggregates import AggregateState
+from streamer.app import Detector
+from streamer.config import ControlSettings, from_mapping
 from streamer.control import ControlError, ControlState, SetThreshold
+from streamer.features import FeatureSpec, LabelRate
 from streamer.threshold import RollingQuantileThreshold
 
 
@@ -95,37 +101,99 @@ def test_set_threshold_reconfigures_the_rolling_threshold() -> None:
 
 
 def test_label_feedback_reaches_the_label_rate_features() -> None:
-    import msgspec
-
-    from streamer.aggregates import AggregateState
-    from streamer.features import FeatureSpec, LabelRate
-
     spec = FeatureSpec(
         profile="p", entity_field="card", time_field="ts", time_format="epoch_ms",
+        id_field="tx",
         columns=[LabelRate(key="shop", windows_seconds=[3600.0], delay_seconds=0.0,
                            stats=["confirmed", "rate"])],
     )  # fmt: skip
     c = ControlState(ControlSettings(), spec.time_format)
     state = AggregateState(spec, labels=c.labels)  # what build_pipeline does
     Event = spec.event_type()
-    state.update([Event(card=1, shop="s", ts=60_000), Event(card=2, shop="s", ts=120_000)])
+    state.update([Event(tx=1, card=1, shop="s", ts=60_000), Event(tx=2, card=2, shop="s",
+                                                                  ts=120_000)])  # fmt: skip
 
     def label(**fields: object) -> tuple[str, str]:
-        doc = {"type": "label", "key_field": "shop", "key": "s", "anomaly": True} | fields
-        return c.apply_feedback(msgspec.json.encode(doc), key=None)
+        doc = {"type": "label", "key_field": "shop", "key": "s", "event_id": 1, "anomaly": True}
+        return c.apply_feedback(msgspec.json.encode(doc | fields), key=None)
 
     assert label(event_time=60_000) == ("label", "applied")  # milliseconds, as the spec
-    assert label(event_time="1970-01-01T00:02:00Z", anomaly=False) == ("label", "applied")
+    assert label(event_time="1970-01-01T00:02:00Z", event_id=2, anomaly=False) == (
+        "label", "applied")  # fmt: skip
     assert label(event_time=60_000, key_field="card") == ("label", "unmatched")
     with pytest.raises(ControlError, match="event_time"):
         label(event_time="1970-01-01T00:02:00")  # no zone
     with pytest.raises(ControlError, match="anomaly"):
-        c.apply_feedback(b'{"type": "label", "key_field": "shop", "key": "s", "event_time": 1}',
-                         key=None)  # fmt: skip
-    x = state.update([Event(card=3, shop="s", ts=3_600_000), Event(card=3, shop="t", ts=3_600_000)])
+        c.apply_feedback(b'{"type": "label", "key_field": "shop", "key": "s", "event_id": 1, '
+                         b'"event_time": 1}', key=None)  # fmt: skip
+    with pytest.raises(ControlError, match="event_id"):
+        c.apply_feedback(b'{"type": "label", "key_field": "shop", "key": "s", '
+                         b'"event_time": 60000, "anomaly": true}', key=None)  # fmt: skip
+    x = state.update([Event(tx=3, card=3, shop="s", ts=3_600_000),
+                      Event(tx=4, card=3, shop="t", ts=3_600_000)])  # fmt: skip
     assert x.tolist() == [[1.0, 0.5], [0.0, 0.0]]
     state.clear()  # a partition move: the labels stay with the ControlState
-    state.update([Event(card=1, shop="s", ts=60_000)])
-    assert state.update([Event(card=3, shop="s", ts=3_600_000)]).tolist() == [[1.0, 1.0]]
+    state.update([Event(tx=1, card=1, shop="s", ts=60_000)])
+    assert state.update([Event(tx=3, card=3, shop="s", ts=3_600_000)]).tolist() == [[1.0, 1.0]]
     # The alert feedback still works as before.
     assert c.apply_feedback(b'{"type": "ack", "entity": "e"}', key=None) == ("ack", "applied")
+
+
+LABELED = FeatureSpec(
+    profile="p", entity_field="card", time_field="ts", time_format="epoch_s", id_field="tx",
+    columns=[LabelRate(key="shop", windows_seconds=[3600.0], delay_seconds=0.0,
+                       stats=["confirmed", "rate"])],
+)  # fmt: skip
+
+
+def test_a_repeated_label_is_a_duplicate_and_counts_once() -> None:
+    """At-least-once delivery, or two investigators confirming one event: the event's label
+    counts once, and the rate is the real share (here a half, not 1)."""
+    spec = LABELED
+    c = ControlState(ControlSettings(), spec.time_format)
+    state = AggregateState(spec, labels=c.labels)
+    Event = spec.event_type()
+    state.update([Event(tx=f"t{k}", card=k, shop="s", ts=60.0 * k) for k in range(4)])
+    label = msgspec.json.encode(
+        {"type": "label", "key_field": "shop", "key": "s", "event_id": "t1", "event_time": 60,
+         "anomaly": True}
+    )  # fmt: skip
+    assert c.apply_feedback(label, key=None) == ("label", "applied")
+    assert c.apply_feedback(label, key=None) == ("label", "duplicate")
+    same_event_iso = label.replace(b"60", b'"1970-01-01T00:01:00Z"')
+    assert c.apply_feedback(same_event_iso, key=None) == ("label", "duplicate")
+    other = label.replace(b'"t1"', b'"t2"')
+    assert c.apply_feedback(other, key=None) == ("label", "applied")
+    x = state.update([Event(tx="t9", card=9, shop="s", ts=3600.0)])
+    assert x.tolist() == [[2.0, 0.5]]  # two of the four events, each once
+
+
+def test_the_feedback_path_counts_a_duplicate_label_apart() -> None:
+    """The daemon's feedback loop: a redelivered label is counted as `duplicate` in
+    anomaly_feedback_total, and changes no feature."""
+    settings = from_mapping(
+        {"profile": "orders", "model": {"bundle": "unused"},
+         "kafka": {"input_topic": "in", "alert_topic": "a", "dead_letter_topic": "d"},
+         "control": {"feedback_topic": "fb"}}
+    )  # fmt: skip
+    d = Detector(settings)
+    assert d._control is not None
+    spec = LABELED
+    state = AggregateState(spec, labels=d._control.labels)  # as build_pipeline shares it
+    Event = spec.event_type()
+    state.update([Event(tx=k, card=k, shop="s", ts=60.0 * k) for k in range(4)])
+    value = msgspec.json.encode(
+        {"type": "label", "key_field": "shop", "key": "s", "event_id": 2, "event_time": 120,
+         "anomaly": True}
+    )  # fmt: skip
+    records = [SimpleNamespace(topic="fb", partition=0, offset=k, key=None, value=value)
+               for k in range(3)]  # fmt: skip
+    d._apply_control(records)
+
+    def feedback(outcome: str) -> float | None:
+        return d.registry.get_sample_value(
+            "anomaly_feedback_total", {"type": "label", "outcome": outcome}
+        )
+
+    assert (feedback("applied"), feedback("duplicate"), feedback("unmatched")) == (1.0, 2.0, 0.0)
+    assert state.update([Event(tx=9, card=9, shop="s", ts=3600.0)]).tolist() == [[1.0, 0.25]]

@@ -534,7 +534,7 @@ def test_replay_delivers_labels_at_their_time_and_matches_training_features() ->
 
     hour = 3600.0
     spec = FeatureSpec(
-        profile="t", entity_field="card", time_field="ts", time_format="epoch_s",
+        profile="t", entity_field="card", time_field="ts", time_format="epoch_s", id_field="row",
         columns=[Log1p(field="amount"), LabelRate(key="shop", windows_seconds=[hour, 5 * hour],
                                                   delay_seconds=2 * hour)],
     )  # fmt: skip

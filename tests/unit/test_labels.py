@@ -17,6 +17,7 @@ SPEC = FeatureSpec(
     entity_field="user",
     time_field="ts",
     time_format="epoch_s",
+    id_field="id",
     columns=[
         LabelRate(key="shop", windows_seconds=[H, 3 * H], delay_seconds=2 * H,
                   stats=["count", "confirmed", "rate"]),
@@ -29,7 +30,8 @@ Event = SPEC.event_type()
 
 def brute_force(events: list, delivered_before: list[list[int]]) -> np.ndarray:
     """SPEC's label features from the definition: for event i, the events before it and the
-    labels delivered before it (`delivered_before[i]`: rows), counted by hour of event time."""
+    labeled events among them (`delivered_before[i]`: rows whose labels were delivered before
+    it, each counted once however often), counted by hour of event time."""
 
     def hour(t: float) -> int:
         return math.floor(t / H)
@@ -43,7 +45,7 @@ def brute_force(events: list, delivered_before: list[list[int]]) -> np.ndarray:
             and e - width_h <= hour(events[j].ts) < e
         ]
         count = len(mine)
-        hit = sum(1 for j in delivered_before[i] if j in mine)
+        hit = sum(1 for j in set(delivered_before[i]) if j in mine)
         got = {
             "count": float(count),
             "confirmed": float(hit),
@@ -87,16 +89,36 @@ stream = st.lists(
 )
 
 
+def twice(labels: list[tuple[int, np.ndarray]], n: int, later: int) -> list[tuple[int, np.ndarray]]:
+    """Every label delivered a second time, `later` events after the first (when the stream
+    is still going): at-least-once delivery."""
+    due: dict[int, list[int]] = {}
+    for i, js in labels:
+        due.setdefault(i, []).extend(js.tolist())
+        if i + later < n:
+            due.setdefault(i + later, []).extend(js.tolist())
+    return [(i, np.array(due[i], dtype=int)) for i in sorted(due)]
+
+
 @settings(max_examples=80, deadline=None)
-@given(stream, st.sampled_from([0.0, 1800.0, 2 * H, 10000.0]), st.lists(st.integers(0, 9)))
-def test_stream_equals_brute_force(rows: list, delay: float, sizes: list[int]) -> None:
+@given(
+    stream,
+    st.sampled_from([0.0, 1800.0, 2 * H, 10000.0]),
+    st.lists(st.integers(0, 9)),
+    st.sampled_from([None, 0, 1, 7]),
+)
+def test_stream_equals_brute_force(
+    rows: list, delay: float, sizes: list[int], repeat_after: int | None
+) -> None:
     t, events, positive = 1000.0, [], []
-    for user, shop, step, anomalous in rows:
+    for i, (user, shop, step, anomalous) in enumerate(rows):
         t += step
-        events.append(Event(user=user, shop=shop, ts=t, amount=1.0))
+        events.append(Event(id=f"e{i}", user=user, shop=shop, ts=t, amount=1.0))
         positive.append(anomalous)
     seconds = np.array([e.ts for e in events])
     labels = deliveries(seconds, np.array(positive), delay)
+    if repeat_after is not None:  # each label delivered twice: it still counts once
+        labels = twice(labels, len(events), repeat_after)
     before: list[list[int]] = [[] for _ in events]
     for i, js in labels:
         for k in range(i, len(events)):
@@ -129,30 +151,65 @@ def test_deliveries_never_early() -> None:
 
 def test_labels_outlive_clear_and_reach_later_events() -> None:
     state = AggregateState(SPEC)
-    day = [Event(user="u", shop="s", ts=float(m * 600), amount=1.0) for m in range(6)]
+    day = [Event(id=m, user="u", shop="s", ts=float(m * 600), amount=1.0) for m in range(6)]
     state.update(day)  # six events in hour 0
     state.confirm(day[0])
     state.confirm(day[1])
     state.clear()  # a partition move: events are replayed, labels are not
     state.update(day)
-    x = state.update([Event(user="u", shop="s", ts=2 * H + 3 * H, amount=1.0)])
+    x = state.update([Event(id=6, user="u", shop="s", ts=2 * H + 3 * H, amount=1.0)])
     # The 1h window 2h ago is hour 2..3 away: hour 0 is in the 3h window only.
     assert x[0, :6].tolist() == [0.0, 0.0, 0.0, 6.0, 2.0, pytest.approx(2 / 6)]
     assert state.labels.keys == 2  # ("shop", "s") and ("user", "u"): both have labels
-    assert state.confirm(Event(user="u", shop="s", ts=0.0, amount=1.0)) == 2
+    assert state.confirm(day[1]) == 0  # confirmed again: counted already, for both keys
+    assert state.confirm(Event(id=99, user="u", shop="s", ts=0.0, amount=1.0)) == 2
 
 
 def test_store_bounds() -> None:
     store = LabelStore(key_fields={"k"}, horizon_seconds=2 * H, max_keys=2)
-    assert store.add("k", 1, 10 * H) and store.add("k", 1, 8 * H)
-    assert not store.add("k", 1, 7 * H)  # more than the horizon before the key's newest
-    assert store.add("k", 1, 13 * H)  # pushes hours 8 and 10 out
+    assert store.add("k", 1, 10 * H, "a") == store.add("k", 1, 8 * H, "b") == "counted"
+    assert store.add("k", 1, 7 * H, "c") == "stale"  # more than a horizon before the newest
+    assert store.add("k", 1, 13 * H, "d") == "counted"  # pushes hours 8 and 10 out
     assert store.confirmed("k", 1, [(0, 100)]) == [1]
-    assert not store.add("k", 1, math.nan) and store.dropped == 2
-    store.add("k", 2, 0.0)
-    store.add("k", 3, 0.0)
+    assert store.add("k", 1, math.nan, "e") == "stale" and store.dropped == 2
+    assert store.add("j", 1, 13 * H, "f") == "unused"
+    store.add("k", 2, 0.0, "g")
+    store.add("k", 3, 0.0, "h")
     assert store.keys == 2 and store.evictions == 1
     assert store.confirmed("k", 1, [(0, 100)]) == [0]  # the least recently labeled went
+
+
+def test_a_label_counts_once_per_event() -> None:
+    store = LabelStore(key_fields={"k"}, horizon_seconds=2 * H)
+    assert store.add("k", 1, 10 * H, "a") == "counted"
+    assert store.add("k", 1, 10 * H, "a") == "duplicate"  # redelivered
+    assert store.add("k", 1, 10 * H + 60.0, "a") == "duplicate"  # whatever its time says
+    assert store.add("k", 1, 10 * H, "b") == "counted"  # another event of that hour
+    assert store.add("k", 2, 10 * H, "a") == "counted"  # ids are per key
+    assert store.confirmed("k", 1, [(10, 11)]) == [2] and store.duplicates == 2
+
+
+def test_a_repeat_older_than_the_horizon_is_stale_not_counted_again() -> None:
+    """The ids go with their hour: once a newer label pushed it out, a repeat of it is older
+    than the horizon, and stays out, like any label that old."""
+    store = LabelStore(key_fields={"k"}, horizon_seconds=2 * H)
+    store.add("k", 1, 10 * H, "a")
+    store.add("k", 1, 11 * H, "b")
+    assert store.add("k", 1, 13 * H, "c") == "counted"  # hour 10 goes, and id "a" with it
+    assert store.add("k", 1, 10 * H, "a") == "stale" and store.dropped == 1
+    assert store.add("k", 1, 11 * H, "b") == "duplicate"  # hour 11 is still held
+    assert store.confirmed("k", 1, [(0, 100)]) == [2]
+    held = store._keys[("k", 1)]
+    assert sorted(held.hour_of) == ["b", "c"] and sorted(held.ids) == [11, 13]  # bounded
+
+
+def test_an_evicted_key_counts_a_repeat_anew() -> None:
+    """A key evicted for capacity takes its counts with it: a repeat then counts once."""
+    store = LabelStore(key_fields={"k"}, horizon_seconds=2 * H, max_keys=1)
+    store.add("k", 1, 10 * H, "a")
+    store.add("k", 2, 10 * H, "b")  # evicts key 1
+    assert store.add("k", 1, 10 * H, "a") == "counted"
+    assert store.confirmed("k", 1, [(0, 100)]) == [1] and store.evictions == 2
 
 
 def test_names_and_event_type() -> None:
@@ -165,7 +222,9 @@ def test_names_and_event_type() -> None:
         windows_seconds=[1.0])]).labeled  # fmt: skip
     again = msgspec.json.decode(msgspec.json.encode(SPEC), type=FeatureSpec)
     assert again == SPEC
-    event = msgspec.json.decode(b'{"user": 1, "shop": 2, "ts": 0, "amount": 1}', type=Event)
+    event = msgspec.json.decode(
+        b'{"id": 3, "user": 1, "shop": 2, "ts": 0, "amount": 1}', type=Event
+    )
     assert event.shop == 2
 
 
@@ -187,3 +246,11 @@ def test_bad_columns_are_rejected(column: dict, match: str) -> None:
            "columns": [{"kind": "label_rate", **column}]}  # fmt: skip
     with pytest.raises((msgspec.ValidationError, ValueError), match=match):
         msgspec.convert(doc, FeatureSpec)
+
+
+def test_label_rate_needs_an_id_field() -> None:
+    doc = {"profile": "p", "entity_field": "e", "time_field": "t",
+           "columns": [{"kind": "label_rate", "windows_seconds": [3600]}]}  # fmt: skip
+    with pytest.raises(msgspec.ValidationError, match="id_field"):
+        msgspec.convert(doc, FeatureSpec)
+    assert msgspec.convert({**doc, "id_field": "tx"}, FeatureSpec).labeled
