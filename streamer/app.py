@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -335,11 +338,13 @@ class Detector:
                 if self._control is not None and self._follower is None:
                     # What was said before this replica started applies before its first batch.
                     follower = kafka_io.TopicFollower(k, self._side_topics)
-                    self._apply_control(follower.catch_up(k.delivery_timeout_seconds))
+                    with _closed_on_failure(follower.close):
+                        self._apply_control(follower.catch_up(k.delivery_timeout_seconds))
                     self._follower = follower
                 if self._consumer is None:
                     consumer = kafka_io.make_consumer(k)
-                    self._outbox = make_outbox(k, consumer)
+                    with _closed_on_failure(partial(consumer.close, autocommit=False)):
+                        self._outbox = make_outbox(k, consumer)
                     self._consumer = consumer
                 assert self._outbox is not None
                 self._outbox.prepare()
@@ -738,6 +743,20 @@ class Detector:
             total("anomaly_events_consumed_total"), total("anomaly_events_scored_total"),
             total("anomaly_alerts_published_total"), rejected, self._pipeline.threshold.value,
         )  # fmt: skip
+
+
+@contextmanager
+def _closed_on_failure(close: Callable[[], object]) -> Iterator[None]:
+    """Close a client just made if what follows fails: each retry makes a new one, and one
+    left open keeps its sockets and threads (and a group consumer its membership)."""
+    try:
+        yield
+    except BaseException:
+        try:
+            close()
+        except Exception:  # the failure in hand is the one to report
+            log.debug("closing a client after a failed start", exc_info=True)
+        raise
 
 
 def _first_offsets(buffer: list[RawMessage], polled: Polled) -> dict[TopicPartition, int]:

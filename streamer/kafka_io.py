@@ -279,14 +279,19 @@ class TopicFollower:
             isolation_level="read_committed",
         )
         partitions: list[TopicPartition] = []
-        for topic in topics:
-            ids = self._consumer.partitions_for_topic(topic)
-            if not ids:  # prepare_topics checked it exists: metadata not there yet, retry
-                self._consumer.close()
-                raise UnknownTopicOrPartitionError(f"control: no partitions known for {topic!r}")
-            partitions += [TopicPartition(topic, p) for p in sorted(ids)]
-        self._consumer.assign(partitions)
-        self._consumer.seek_to_beginning(*partitions)
+        try:  # a consumer left open by a failed start keeps its sockets and threads
+            for topic in topics:
+                ids = self._consumer.partitions_for_topic(topic)
+                if not ids:  # prepare_topics checked it exists: metadata not there yet, retry
+                    raise UnknownTopicOrPartitionError(
+                        f"control: no partitions known for {topic!r}"
+                    )
+                partitions += [TopicPartition(topic, p) for p in sorted(ids)]
+            self._consumer.assign(partitions)
+            self._consumer.seek_to_beginning(*partitions)
+        except BaseException:
+            self._consumer.close(autocommit=False)
+            raise
         self._partitions = partitions
 
     def catch_up(self, timeout_seconds: float) -> list[Any]:
