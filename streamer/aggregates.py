@@ -158,8 +158,7 @@ class AggregateState:
                 hours = tuple(round(w / BUCKET_SECONDS) for w in col.windows_seconds)
                 delay = round(col.delay_seconds / BUCKET_SECONDS)
                 group[3].append((len(group[3]), delay, hours, spots))
-                # An hour-rounded window reaches back at most one hour more.
-                reach = col.delay_seconds + max(col.windows_seconds) + BUCKET_SECONDS
+                reach = col.reach_seconds
                 self.horizon = max(self.horizon, reach)
                 self.labels.require([spec.key_of(col)], reach)
                 continue

@@ -143,6 +143,9 @@ class Detector:
         self._side_topics = [t for t in (c.topic, c.feedback_topic) if t]
         self._control = ControlState(c, settings.spec.time_format) if self._side_topics else None
         self._follower: kafka_io.TopicFollower | None = None
+        # The feedback topic and how long its labels matter, until its retention is checked.
+        reach = settings.spec.label_reach_seconds
+        self._feedback_horizon = (c.feedback_topic, reach) if reach and c.feedback_topic else None
         self._threshold_changes_applied = 0
         # Shadow scoring of the registry's candidate (streamer/shadow.py).
         self._shadow: Pipeline | None = None
@@ -334,7 +337,8 @@ class Detector:
         k = self.settings.kafka
         while not self.should_exit:
             try:
-                kafka_io.prepare_topics(k, self._side_topics)
+                kafka_io.prepare_topics(k, self._side_topics, self._feedback_horizon)
+                self._feedback_horizon = None  # checked (or created) once per process
                 if self._control is not None and self._follower is None:
                     # What was said before this replica started applies before its first batch.
                     follower = kafka_io.TopicFollower(k, self._side_topics)

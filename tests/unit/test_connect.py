@@ -158,3 +158,37 @@ def test_a_reader_that_cannot_start_closes_its_consumer(
     with pytest.raises((KafkaTimeoutError, kafka_io.UnknownTopicOrPartitionError)):
         TopicFollower(settings().kafka, ["ctl", topic])
     assert [c.closed for c in FakeKafkaConsumer.made] == [1]
+
+
+def test_the_feedback_topic_is_prepared_with_the_label_horizon_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With label_rate columns the feedback topic is created (or checked) with the labels'
+    horizon; a retry, or a replaced consumer, does not check it again."""
+    prepared: list[Any] = []
+    monkeypatch.setattr(kafka_io, "prepare_topics", lambda *args: prepared.append(args[1:]))
+    columns = [
+        {"kind": "log1p", "field": "amount"},
+        {"kind": "label_rate", "key": "shop", "windows_seconds": [86400, 2592000],
+         "delay_seconds": 604800},
+    ]  # fmt: skip
+    features = {
+        "profile": "p",
+        "entity_field": "card",
+        "time_field": "ts",
+        "id_field": "tx",
+        "columns": columns,
+    }
+    d = app.Detector(
+        from_mapping(
+            {"features": features, "kafka": {"input_topic": "i", "alert_topic": "a",
+             "dead_letter_topic": "d"}, "model": {"bundle": "b"},
+             "control": {"feedback_topic": "fb"}}
+        )
+    )  # fmt: skip
+    FakeFollower.failures = 1
+    give_up_after(d, ATTEMPTS)
+    d._connect()
+    horizon = 37 * 86400.0 + 3600.0
+    assert prepared == [(["fb"], ("fb", horizon)), (["fb"], None)]
+    assert app.Detector(settings())._feedback_horizon is None  # no label_rate column
