@@ -201,6 +201,18 @@ class AggregateState:
             if rates
         )
 
+    def withdraw(self, event: Any) -> int:
+        """One event's label "anomalous" is taken back: uncount it for every key field that
+        counted it. Returns how many keys did."""
+        if not self.spec.id_field:
+            return 0
+        event_id = getattr(event, self.spec.id_field)
+        return sum(
+            self.labels.withdraw(key_field, getattr(event, key_field), event_id) == "withdrawn"
+            for key_field, _, _, rates in self._groups
+            if rates
+        )
+
     def update(self, events: Sequence[Any]) -> np.ndarray:
         """The stateful features of `events`, shape (n, k) in spec column order; each event
         is then added to the state, in order."""
