@@ -158,8 +158,7 @@ class AggregateState:
                 hours = tuple(round(w / BUCKET_SECONDS) for w in col.windows_seconds)
                 delay = round(col.delay_seconds / BUCKET_SECONDS)
                 group[3].append((len(group[3]), delay, hours, spots))
-                # An hour-rounded window reaches back at most one hour more.
-                reach = col.delay_seconds + max(col.windows_seconds) + BUCKET_SECONDS
+                reach = col.reach_seconds
                 self.horizon = max(self.horizon, reach)
                 self.labels.require([spec.key_of(col)], reach)
                 continue
@@ -198,6 +197,18 @@ class AggregateState:
         event_id = getattr(event, self.spec.id_field)
         return sum(
             self.labels.add(key_field, getattr(event, key_field), t, event_id) == "counted"
+            for key_field, _, _, rates in self._groups
+            if rates
+        )
+
+    def withdraw(self, event: Any) -> int:
+        """One event's label "anomalous" is taken back: uncount it for every key field that
+        counted it. Returns how many keys did."""
+        if not self.spec.id_field:
+            return 0
+        event_id = getattr(event, self.spec.id_field)
+        return sum(
+            self.labels.withdraw(key_field, getattr(event, key_field), event_id) == "withdrawn"
             for key_field, _, _, rates in self._groups
             if rates
         )

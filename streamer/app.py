@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -140,6 +143,9 @@ class Detector:
         self._side_topics = [t for t in (c.topic, c.feedback_topic) if t]
         self._control = ControlState(c, settings.spec.time_format) if self._side_topics else None
         self._follower: kafka_io.TopicFollower | None = None
+        # The feedback topic and how long its labels matter, until its retention is checked.
+        reach = settings.spec.label_reach_seconds
+        self._feedback_horizon = (c.feedback_topic, reach) if reach and c.feedback_topic else None
         self._threshold_changes_applied = 0
         # Shadow scoring of the registry's candidate (streamer/shadow.py).
         self._shadow: Pipeline | None = None
@@ -331,15 +337,18 @@ class Detector:
         k = self.settings.kafka
         while not self.should_exit:
             try:
-                kafka_io.prepare_topics(k, self._side_topics)
+                kafka_io.prepare_topics(k, self._side_topics, self._feedback_horizon)
+                self._feedback_horizon = None  # checked (or created) once per process
                 if self._control is not None and self._follower is None:
                     # What was said before this replica started applies before its first batch.
                     follower = kafka_io.TopicFollower(k, self._side_topics)
-                    self._apply_control(follower.catch_up(k.delivery_timeout_seconds))
+                    with _closed_on_failure(follower.close):
+                        self._apply_control(follower.catch_up(k.delivery_timeout_seconds))
                     self._follower = follower
                 if self._consumer is None:
                     consumer = kafka_io.make_consumer(k)
-                    self._outbox = make_outbox(k, consumer)
+                    with _closed_on_failure(partial(consumer.close, autocommit=False)):
+                        self._outbox = make_outbox(k, consumer)
                     self._consumer = consumer
                 assert self._outbox is not None
                 self._outbox.prepare()
@@ -738,6 +747,20 @@ class Detector:
             total("anomaly_events_consumed_total"), total("anomaly_events_scored_total"),
             total("anomaly_alerts_published_total"), rejected, self._pipeline.threshold.value,
         )  # fmt: skip
+
+
+@contextmanager
+def _closed_on_failure(close: Callable[[], object]) -> Iterator[None]:
+    """Close a client just made if what follows fails: each retry makes a new one, and one
+    left open keeps its sockets and threads (and a group consumer its membership)."""
+    try:
+        yield
+    except BaseException:
+        try:
+            close()
+        except Exception:  # the failure in hand is the one to report
+            log.debug("closing a client after a failed start", exc_info=True)
+        raise
 
 
 def _first_offsets(buffer: list[RawMessage], polled: Polled) -> dict[TopicPartition, int]:

@@ -21,12 +21,16 @@ event `event_id` (its value of the spec's `id_field`, as alerts carry it) of `ke
 `key_field` value; both with the JSON type the events carry) at `event_time` (the spec's
 time format: epoch seconds or milliseconds, or an ISO 8601 string with a zone). It feeds the
 `label_rate` feature columns keyed by `key_field` (streamer/features.py): later events of
-that key see it once their window reaches back to its event time. `anomaly: false` is
-accepted and changes nothing (every event already counts in the rate's denominator); a label
-whose `key_field` no label_rate column uses, or that is older than the columns' reach, is
+that key see it once their window reaches back to its event time. A label whose
+`key_field` no label_rate column uses, or that is older than the columns' reach, is
 "unmatched". A label counts once per event: a repeat (same `key_field`, `key` and
 `event_id`; Kafka redelivers, investigators confirm twice) is a "duplicate" and changes
-nothing. Labels are kept apart from the per-partition state (streamer/labels.py), so they
+nothing. `anomaly: false` withdraws the event's label (investigators correct mistakes): if
+it is counted, its hour counts one less ("withdrawn"), and a later `anomaly: true` counts it
+again; for an event not counted (never labeled, withdrawn already, or older than the reach)
+it changes nothing ("unmatched"). Messages apply in topic order, so the counts are those of
+the labels standing at that point (`event_time` is still required; a withdrawal goes by the
+id). Labels are kept apart from the per-partition state (streamer/labels.py), so they
 outlive partition moves and model reloads; every replica reads them all, and a restarted
 one re-reads the topic from its start into an empty store, so each label again counts once.
 The denominator is the events this replica scored, so the rate is exact when one replica
@@ -196,8 +200,8 @@ class ControlState:
         return type(message).__struct_config__.tag  # type: ignore[return-value]
 
     def apply_feedback(self, value: bytes | None, key: bytes | None) -> tuple[str, str]:
-        """Apply one feedback message; returns (type, "applied" | "unmatched" | "duplicate",
-        the last for a label counted already)."""
+        """Apply one feedback message; returns (type, "applied" | "unmatched" | "duplicate" |
+        "withdrawn": a label counted already, or one taken back)."""
         try:
             message = self._feedback.decode(value or b"")
         except (msgspec.DecodeError, ValueError) as exc:
@@ -225,8 +229,9 @@ class ControlState:
             seconds = t / 1000.0 if self.time_format == "epoch_ms" else float(t)
         if message.key_field not in self.labels.key_fields:
             return "unmatched"
-        if not message.anomaly:
-            return "applied"  # nothing to count: the event is in the denominator already
+        if not message.anomaly:  # a correction: the event was not anomalous after all
+            taken = self.labels.withdraw(message.key_field, message.key, message.event_id)
+            return "withdrawn" if taken == "withdrawn" else "unmatched"
         outcome = self.labels.add(message.key_field, message.key, seconds, message.event_id)
         if outcome == "counted":
             return "applied"

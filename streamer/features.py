@@ -161,6 +161,12 @@ class LabelRate(_Column, tag="label_rate", frozen=True):
         if len(set(self.stats)) != len(self.stats):
             raise ValueError(f"{what}: stats must be distinct")
 
+    @property
+    def reach_seconds(self) -> float:
+        """How far back of an event's time a label can still change its features: the delay
+        plus the longest window, plus the hour a window rounded to whole hours may reach."""
+        return self.delay_seconds + max(self.windows_seconds) + _HOUR
+
 
 Stateful = Rolling | SincePrevious | LabelRate
 Column = Numeric | Log1p | Ratio | OneHot | HourOfDay | Rolling | SincePrevious | LabelRate
@@ -197,6 +203,19 @@ class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def labeled(self) -> bool:
         """Whether some column is fed by labels (training then needs each event's label)."""
         return any(isinstance(col, LabelRate) for col in self.columns)
+
+    @property
+    def label_reach_seconds(self) -> float:
+        """How old a label can be and still change a feature (0 without label_rate columns):
+        what the feedback topic must keep for a restarted replica to rebuild its labels.
+
+        >>> FeatureSpec("p", "e", "t", [LabelRate(windows_seconds=[86400.0, 30 * 86400.0],
+        ...     delay_seconds=7 * 86400.0)], id_field="id").label_reach_seconds / 86400
+        37.041666666666664
+        """
+        return max(
+            (col.reach_seconds for col in self.columns if isinstance(col, LabelRate)), default=0.0
+        )
 
     def key_of(self, col: Rolling | SincePrevious | LabelRate) -> str:
         """The entity field a stateful column is keyed by."""

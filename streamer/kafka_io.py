@@ -7,13 +7,14 @@ are confluent-kafka's (streamer/confluent_io.py), behind the same surface (`Grou
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
 from kafka.errors import (
     KafkaError,
     KafkaTimeoutError,
@@ -61,10 +62,98 @@ def transactional_id(kafka: KafkaSettings) -> str:
     return kafka.transactional_id or f"{kafka.group_id}-{socket.gethostname()}"
 
 
-def prepare_topics(kafka: KafkaSettings, side_topics: Sequence[str] = ()) -> None:
+# Kept on top of the label horizon when the daemon creates the feedback topic: a replica
+# behind the live stream, or labels stamped a little before their events' times.
+RETENTION_MARGIN_SECONDS = 86400.0
+
+
+def feedback_retention_ms(label_horizon_seconds: float) -> int:
+    """The retention.ms a feedback topic is created with: the labels' horizon plus a margin.
+
+    >>> feedback_retention_ms(37 * 86400.0 + 3600.0) / 86400_000
+    38.041666666666664
+    """
+    return math.ceil((label_horizon_seconds + RETENTION_MARGIN_SECONDS) * 1000)
+
+
+def retention_warning(topic: str, retention_ms: int, label_horizon_seconds: float) -> str | None:
+    """What is wrong with a feedback topic that keeps messages `retention_ms` (-1: forever),
+    when labels up to `label_horizon_seconds` old still change features; None if nothing.
+
+    A restarted replica rebuilds its labels by re-reading the whole topic: whatever the
+    broker deleted is gone from its features (they differ from those of a replica that ran
+    throughout). Retention counts from a record's timestamp, never before its event's time.
+
+    >>> retention_warning("fb", -1, 86400.0) is None
+    True
+    >>> short = retention_warning("fb", 604800000, 37 * 86400.0 + 3600.0)
+    >>> short.split(", but")[0]
+    "feedback topic 'fb' keeps messages 7.0 days (retention.ms=604800000)"
+    >>> short.split("; ")[-1]
+    'set its retention.ms to at least 3286800000 (38.0 days) or -1'
+    """
+    needed_ms = label_horizon_seconds * 1000.0
+    if retention_ms < 0 or retention_ms >= needed_ms:
+        return None
+    wanted = feedback_retention_ms(label_horizon_seconds)
+    return (
+        f"feedback topic {topic!r} keeps messages {_days(retention_ms)} (retention.ms="
+        f"{retention_ms}), but labels up to {_days(needed_ms)} old still change the label_rate "
+        "features (delay + longest window + 1 h): a restarted replica re-reads the topic and "
+        f"misses the older labels; set its retention.ms to at least {wanted} "
+        f"({_days(wanted)}) or -1"
+    )
+
+
+def _days(ms: float) -> str:
+    return f"{ms / 86400_000:.1f} days"
+
+
+def topic_retention_ms(admin: KafkaAdminClient, topic: str) -> int | None:
+    """A topic's retention.ms as the broker applies it (its own, or the broker's default);
+    None when the broker does not say (no such topic, or not allowed to describe it)."""
+    resource = ConfigResource(ConfigResourceType.TOPIC, topic, ["retention.ms"])
+    described = admin.describe_configs([resource], config_filter="all")
+    entry = described.get("topic", {}).get(topic, {}).get("retention.ms")
+    value = entry.get("value") if isinstance(entry, dict) else None
+    return None if value is None else int(value)
+
+
+def check_retention(admin: KafkaAdminClient, topic: str, label_horizon_seconds: float) -> None:
+    """Log a warning when the feedback topic loses labels a restarted replica needs; never
+    stops the start (the features only differ, and an operator may know better)."""
+    try:
+        retention_ms = topic_retention_ms(admin, topic)
+    except (KafkaError, KeyError, TypeError, ValueError) as exc:
+        log.warning("feedback topic %r: retention.ms not checked: %s", topic, exc)
+        return
+    if retention_ms is None:
+        log.warning("feedback topic %r: retention.ms not checked: the broker did not say", topic)
+        return
+    warning = retention_warning(topic, retention_ms, label_horizon_seconds)
+    if warning:
+        log.warning("%s", warning)
+    else:
+        log.info(
+            "feedback topic %r keeps labels %s, for a label horizon of %s", topic,
+            "forever" if retention_ms < 0 else _days(retention_ms),
+            _days(label_horizon_seconds * 1000),
+        )  # fmt: skip
+
+
+def prepare_topics(
+    kafka: KafkaSettings,
+    side_topics: Sequence[str] = (),
+    feedback: tuple[str, float] | None = None,
+) -> None:
     """Check the input topic exists; create the alert and dead-letter topics, and the
     `side_topics` (control, feedback: one partition, so their messages stay in order), if
-    allowed."""
+    allowed.
+
+    `feedback`: the feedback topic and its labels' horizon in seconds (how old a label can be
+    and still change a feature), when the spec has label_rate columns. That topic is created
+    keeping messages that long plus a margin, or, if it exists, its retention is checked.
+    """
     admin = KafkaAdminClient(**common_options(kafka))
     try:
         existing = set(admin.list_topics())
@@ -79,16 +168,29 @@ def prepare_topics(kafka: KafkaSettings, side_topics: Sequence[str] = ()) -> Non
             raise StartupError(
                 f"kafka: topic(s) {missing} do not exist and kafka.create_output_topics is false"
             )
+        configs: dict[str, dict[str, str]] = {}
+        if feedback:  # kept as long as its labels matter, whatever the broker's default
+            configs[feedback[0]] = {"retention.ms": str(feedback_retention_ms(feedback[1]))}
         if missing:
             new = [
-                NewTopic(t, 1 if t in side_topics else kafka.output_topic_partitions, 1)
+                NewTopic(
+                    t,
+                    1 if t in side_topics else kafka.output_topic_partitions,
+                    1,
+                    topic_configs=configs.get(t),
+                )
                 for t in missing
             ]
             try:
                 admin.create_topics(new, wait_for_metadata=True)
-                log.info("created topics %s", missing)
+                log.info(
+                    "created topics %s%s", missing,
+                    "".join(f"; {t} with {c}" for t, c in configs.items() if t in missing),
+                )  # fmt: skip
             except TopicAlreadyExistsError:
                 pass  # another replica of this group created them first
+        if feedback and feedback[0] in existing:
+            check_retention(admin, *feedback)
     finally:
         admin.close()
 
@@ -279,14 +381,19 @@ class TopicFollower:
             isolation_level="read_committed",
         )
         partitions: list[TopicPartition] = []
-        for topic in topics:
-            ids = self._consumer.partitions_for_topic(topic)
-            if not ids:  # prepare_topics checked it exists: metadata not there yet, retry
-                self._consumer.close()
-                raise UnknownTopicOrPartitionError(f"control: no partitions known for {topic!r}")
-            partitions += [TopicPartition(topic, p) for p in sorted(ids)]
-        self._consumer.assign(partitions)
-        self._consumer.seek_to_beginning(*partitions)
+        try:  # a consumer left open by a failed start keeps its sockets and threads
+            for topic in topics:
+                ids = self._consumer.partitions_for_topic(topic)
+                if not ids:  # prepare_topics checked it exists: metadata not there yet, retry
+                    raise UnknownTopicOrPartitionError(
+                        f"control: no partitions known for {topic!r}"
+                    )
+                partitions += [TopicPartition(topic, p) for p in sorted(ids)]
+            self._consumer.assign(partitions)
+            self._consumer.seek_to_beginning(*partitions)
+        except BaseException:
+            self._consumer.close(autocommit=False)
+            raise
         self._partitions = partitions
 
     def catch_up(self, timeout_seconds: float) -> list[Any]:

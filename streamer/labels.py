@@ -15,6 +15,13 @@ delivers at least once, the feedback topic is re-read from the start, and two in
 may confirm the same event, so the same label can arrive many times. A repeat (same key
 field, key and event id, whatever its time) while the first is held is a "duplicate".
 
+Investigators correct mistakes: `withdraw` takes a counted label back (its hour's count goes
+down by one), found by the same three names; the event's time is not needed, its hour is
+kept with its id. A withdrawal of an id not held (never labeled, withdrawn already, or gone
+with its hour) changes nothing. Labeled again after a withdrawal, the event counts again:
+whatever the order, the counts are those of the labels standing (labeled and not withdrawn
+since), as long as they are held.
+
 >>> store = LabelStore(key_fields={"terminal_id"}, horizon_seconds=86400.0)
 >>> store.add("terminal_id", 7, 3600.0 * 5 + 10, event_id="tx-1")
 'counted'
@@ -24,6 +31,10 @@ field, key and event id, whatever its time) while the first is held is a "duplic
 'unused'
 >>> store.confirmed("terminal_id", 7, [(0, 5), (5, 6)])
 [0, 1]
+>>> store.withdraw("terminal_id", 7, event_id="tx-1"), store.withdraw("terminal_id", 7, "tx-1")
+('withdrawn', 'unknown')
+>>> store.confirmed("terminal_id", 7, [(0, 5), (5, 6)])
+[0, 0]
 
 Memory: at most `max_keys` keys (least recently labeled evicted first), each holding the ids
 of its labeled events within `horizon_seconds` of its newest one, by hour: about 0.9 KB per
@@ -51,6 +62,9 @@ BUCKET_SECONDS = 3600.0
 # uses its key field; or it is older than its key's newest label by more than the horizon
 # (or its time is not finite).
 Outcome = Literal["counted", "duplicate", "unused", "stale"]
+# What `LabelStore.withdraw` did: took a counted label back; found no such label held; or no
+# column uses its key field.
+Withdrawal = Literal["withdrawn", "unknown", "unused"]
 
 
 def bucket(seconds: float) -> int:
@@ -86,6 +100,7 @@ class LabelStore:
         self.evictions = 0  # keys dropped for capacity
         self.dropped = 0  # labels older than the horizon (or with a non-finite time)
         self.duplicates = 0  # labels of an event already counted
+        self.withdrawn = 0  # labels taken back
         self._keys: OrderedDict[tuple[str, Hashable], _Key] = OrderedDict()
 
     def require(self, key_fields: Iterable[str], horizon_seconds: float) -> None:
@@ -131,6 +146,25 @@ class LabelStore:
                 for i in held.ids.pop(old):
                     del held.hour_of[i]
         return "counted"
+
+    def withdraw(self, key_field: str, key: Hashable, event_id: Hashable) -> Withdrawal:
+        """Take back the label of `event_id` of `key`, if it is counted: its hour counts one
+        label less, and a later label of the event counts again."""
+        if key_field not in self.key_fields:
+            return "unused"
+        at = (key_field, key)
+        held = self._keys.get(at)
+        if held is None or event_id not in held.hour_of:
+            return "unknown"
+        b = held.hour_of.pop(event_id)
+        ids = held.ids[b]
+        ids.remove(event_id)
+        if not ids:
+            del held.ids[b]
+            if not held.ids:  # nothing left: the key is as if never labeled
+                del self._keys[at]
+        self.withdrawn += 1
+        return "withdrawn"
 
     def confirmed(self, key_field: str, key: Hashable, spans: list[tuple[int, int]]) -> list[int]:
         """Labels of `key` in each bucket span [lo, hi)."""

@@ -130,7 +130,7 @@ class Metrics:
         self.feedback = Counter(
             "anomaly_feedback",
             "Feedback-topic messages by type: applied, unmatched (entity or key unknown), "
-            "duplicate (a label already counted) or refused",
+            "duplicate (a label already counted), withdrawn (a label taken back) or refused",
             ["type", "outcome"],
             registry=registry,
         )
@@ -148,7 +148,7 @@ class Metrics:
         for kind in ("ack", "false_positive"):
             for outcome in ("applied", "unmatched", "refused"):
                 self.feedback.labels(kind, outcome)
-        for outcome in ("applied", "unmatched", "duplicate"):  # a refused label is "unknown"
+        for outcome in ("applied", "unmatched", "duplicate", "withdrawn"):  # refused: "unknown"
             self.feedback.labels("label", outcome)
         self.feedback.labels("unknown", "refused")
         for how in ("muted", "override", "raised"):

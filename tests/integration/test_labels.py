@@ -1,17 +1,21 @@
 """Label feedback on the real broker: a `label` message changes the label_rate feature, and the
-decisions, for that terminal's later events only; a redelivered label counts once."""
+decisions, for that terminal's later events only; a redelivered label counts once; the
+feedback topic's retention covers the labels' horizon."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 import numpy as np
 import pytest
+from kafka.admin import KafkaAdminClient, NewTopic
 
-from streamer.config import TrainingSettings
+from streamer import kafka_io
+from streamer.config import KafkaSettings, TrainingSettings
 from streamer.features import FeatureSpec, LabelRate, Log1p
 from tests.integration.conftest import Daemon, Topics, produce, read_topic, write_config
 from training.datasets import from_events
@@ -130,3 +134,44 @@ def test_label_message_raises_the_rate_for_that_terminal_only(
         rate = next(f for f in a["top_features"] if f["feature"] == RATE)
         assert rate["actual"] == 1.0
     assert not by_terminal.get(("T-bad", False)) and not by_terminal.get(("T-good", True))
+
+
+def test_the_feedback_topic_keeps_labels_as_long_as_they_matter(
+    kafka_bootstrap: str,
+    topics: Topics,
+    unique: Callable[[str], str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Created by the daemon, the feedback topic keeps messages the labels' horizon plus a
+    margin; an existing one that keeps them less is named in a warning, and the start goes on."""
+    k = KafkaSettings(
+        bootstrap_servers=kafka_bootstrap, input_topic=topics.input,
+        alert_topic=topics.alerts, dead_letter_topic=topics.dead_letters,
+    )  # fmt: skip
+    horizon = SPEC.label_reach_seconds
+    created, short, forever = unique("fb-new"), unique("fb-week"), unique("fb-forever")
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.create_topics(
+            [NewTopic(short, 1, 1, topic_configs={"retention.ms": str(int(DAY * 1000))}),
+             NewTopic(forever, 1, 1, topic_configs={"retention.ms": "-1"})],
+            wait_for_metadata=True,
+        )  # fmt: skip
+        with caplog.at_level(logging.INFO, logger="streamer.kafka_io"):
+            kafka_io.prepare_topics(k, [created], (created, horizon))
+            assert kafka_io.topic_retention_ms(admin, created) == (
+                kafka_io.feedback_retention_ms(horizon)
+            )
+            caplog.clear()
+            kafka_io.prepare_topics(k, [short], (short, horizon))
+            (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+            assert repr(short) in warning and "retention.ms=86400000" in warning
+            caplog.clear()
+            kafka_io.prepare_topics(k, [forever], (forever, horizon))
+            assert not [r for r in caplog.records if r.levelname == "WARNING"]
+            assert "keeps labels forever" in caplog.text
+            # The broker's own default (no retention.ms set on the topic) is read too.
+            assert kafka_io.topic_retention_ms(admin, topics.input) is not None
+    finally:
+        admin.delete_topics([created, short, forever], raise_errors=False)
+        admin.close()

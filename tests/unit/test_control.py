@@ -118,8 +118,9 @@ def test_label_feedback_reaches_the_label_rate_features() -> None:
         return c.apply_feedback(msgspec.json.encode(doc | fields), key=None)
 
     assert label(event_time=60_000) == ("label", "applied")  # milliseconds, as the spec
+    # "Not anomalous" withdraws a label; event 2 has none to take back.
     assert label(event_time="1970-01-01T00:02:00Z", event_id=2, anomaly=False) == (
-        "label", "applied")  # fmt: skip
+        "label", "unmatched")  # fmt: skip
     assert label(event_time=60_000, key_field="card") == ("label", "unmatched")
     with pytest.raises(ControlError, match="event_time"):
         label(event_time="1970-01-01T00:02:00")  # no zone
@@ -197,3 +198,42 @@ def test_the_feedback_path_counts_a_duplicate_label_apart() -> None:
 
     assert (feedback("applied"), feedback("duplicate"), feedback("unmatched")) == (1.0, 2.0, 0.0)
     assert state.update([Event(tx=9, card=9, shop="s", ts=3600.0)]).tolist() == [[1.0, 0.25]]
+
+
+def test_the_feedback_path_withdraws_and_relabels() -> None:
+    """`"anomaly": false` for a counted label takes it back (counted as `withdrawn`); one for
+    an event not counted changes nothing (`unmatched`); a relabel counts again."""
+    settings = from_mapping(
+        {"profile": "orders", "model": {"bundle": "unused"},
+         "kafka": {"input_topic": "in", "alert_topic": "a", "dead_letter_topic": "d"},
+         "control": {"feedback_topic": "fb"}}
+    )  # fmt: skip
+    d = Detector(settings)
+    assert d._control is not None
+    spec = LABELED
+    state = AggregateState(spec, labels=d._control.labels)
+    Event = spec.event_type()
+    state.update([Event(tx=k, card=k, shop="s", ts=60.0 * k) for k in range(4)])
+
+    def message(event_id: int, anomaly: bool) -> SimpleNamespace:
+        value = msgspec.json.encode(
+            {"type": "label", "key_field": "shop", "key": "s", "event_id": event_id,
+             "event_time": 60 * event_id, "anomaly": anomaly}
+        )  # fmt: skip
+        return SimpleNamespace(topic="fb", partition=0, offset=0, key=None, value=value)
+
+    def feedback(outcome: str) -> float | None:
+        return d.registry.get_sample_value(
+            "anomaly_feedback_total", {"type": "label", "outcome": outcome}
+        )
+
+    assert feedback("withdrawn") == 0.0  # exported before any withdrawal
+    later = Event(tx=9, card=9, shop="s", ts=3600.0)
+    d._apply_control([message(1, True), message(2, True), message(1, False)])
+    assert state.update([later]).tolist() == [[1.0, 0.25]]  # event 2's label stands
+    d._apply_control([message(1, False), message(3, False)])  # nothing left to take back
+    assert state.update([later]).tolist() == [[1.0, 0.25]]
+    d._apply_control([message(1, True)])  # the investigators change their minds again
+    assert state.update([later]).tolist() == [[2.0, 0.5]]
+    outcomes = ("applied", "withdrawn", "unmatched", "duplicate")
+    assert [feedback(o) for o in outcomes] == [3.0, 1.0, 2.0, 0.0]

@@ -131,6 +131,110 @@ def test_stream_equals_brute_force(
     np.testing.assert_array_equal(run(small, events, labels, [3]), want)
 
 
+# What happens to a row's label after its delivery: kept; withdrawn (once, or twice: the
+# second finds nothing); withdrawn then labeled again; or, for a row never labeled, a
+# withdrawal of nothing.
+fates = st.sampled_from(["keep", "withdraw", "withdraw twice", "withdraw relabel"])
+
+
+def corrections(
+    labels: list[tuple[int, np.ndarray]], fate: list[str], gaps: list[int], n: int
+) -> list[tuple[int, list[tuple[str, int]]]]:
+    """Label deliveries plus their corrections, as [(i, [(op, row)])]: ops due just before
+    event i, in order. A row's withdrawal comes `gap` events after its label (0: at the same
+    point, after it), a relabel `gap` events after the withdrawal; ops due after the last
+    event are not delivered."""
+    due: list[tuple[int, int, str, int]] = []  # (i, stage, op, row)
+    labeled = {int(j): i for i, js in labels for j in js}
+    for j, i in labeled.items():
+        due.append((i, 0, "label", j))
+    for j, what in enumerate(fate):
+        gap = gaps[j % len(gaps)] if gaps else 0
+        start = labeled.get(j, j + 1)  # a row never labeled: its "withdrawal" after it
+        if what == "keep":
+            continue
+        due.append((start + gap, 1, "withdraw", j))
+        if what == "withdraw twice":
+            due.append((start + 2 * gap, 2, "withdraw", j))
+        elif what == "withdraw relabel" and j in labeled:
+            due.append((start + 2 * gap, 2, "label", j))
+    out: dict[int, list[tuple[str, int]]] = {}
+    for i, _, op, j in sorted(due):
+        if i < n:
+            out.setdefault(i, []).append((op, j))
+    return sorted(out.items())
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    stream,
+    st.sampled_from([0.0, 1800.0, 2 * H, 10000.0]),
+    st.lists(fates, min_size=1),
+    st.lists(st.integers(0, 6)),
+    st.lists(st.integers(0, 9)),
+)
+def test_withdrawals_leave_the_features_of_the_labels_standing(
+    rows: list, delay: float, fate: list[str], gaps: list[int], sizes: list[int]
+) -> None:
+    """Any sequence of labels, withdrawals and relabels gives, for every event, the features
+    of the net set of labels standing when it is processed: as if only those were sent."""
+    t, events, positive = 1000.0, [], []
+    for i, (user, shop, step, anomalous) in enumerate(rows):
+        t += step
+        events.append(Event(id=f"e{i}", user=user, shop=shop, ts=t, amount=1.0))
+        positive.append(anomalous)
+    n = len(events)
+    fate = [fate[j % len(fate)] for j in range(n)]
+    seconds = np.array([e.ts for e in events])
+    ops = corrections(deliveries(seconds, np.array(positive), delay), fate, gaps, n)
+    standing: set[int] = set()
+    before: list[list[int]] = []
+    due = dict(ops)
+    for i in range(n):
+        for op, j in due.get(i, []):
+            (standing.add if op == "label" else standing.discard)(j)
+        before.append(sorted(standing))
+    want = brute_force(events, before)
+    for state, chunks in (
+        (AggregateState(SPEC), sizes),
+        (AggregateState(SPEC, max_entities=6), [3]),
+    ):
+        cuts = {0, n} | set(due)
+        start = 0
+        for size in chunks:
+            start += size
+            cuts.add(min(start, n))
+        parts = []
+        for a, b in pairwise(sorted(cuts)):
+            for op, j in due.get(a, []):
+                (state.confirm if op == "label" else state.withdraw)(events[j])
+            parts.append(state.update(events[a:b]))
+        np.testing.assert_array_equal(np.vstack(parts), want)
+
+
+def test_a_withdrawal_takes_back_exactly_one_label() -> None:
+    store = LabelStore(key_fields={"k"}, horizon_seconds=2 * H)
+    store.add("k", 1, 10 * H, "a")
+    store.add("k", 1, 10 * H + 60.0, "b")
+    store.add("k", 1, 11 * H, "c")
+    assert store.withdraw("k", 1, "a") == "withdrawn"
+    assert store.confirmed("k", 1, [(10, 11), (11, 12)]) == [1, 1]
+    assert store.withdraw("k", 1, "a") == "unknown"  # withdrawn already
+    assert store.withdraw("k", 1, "z") == store.withdraw("k", 2, "b") == "unknown"  # never held
+    assert store.withdraw("j", 1, "b") == "unused"
+    assert store.add("k", 1, 10 * H, "a") == "counted"  # labeled again: counts again
+    assert store.add("k", 1, 10 * H, "a") == "duplicate"
+    assert store.confirmed("k", 1, [(10, 11), (11, 12)]) == [2, 1]
+    for i in "abc":
+        assert store.withdraw("k", 1, i) == "withdrawn"
+    assert store.keys == 0 and store.withdrawn == 4  # an empty key is dropped, not kept
+    # Gone with its hour (a newer label pushed it past the horizon): nothing to withdraw.
+    store.add("k", 1, 10 * H, "old")
+    store.add("k", 1, 13 * H, "new")
+    assert store.withdraw("k", 1, "old") == "unknown"
+    assert store.confirmed("k", 1, [(0, 100)]) == [1]
+
+
 def test_deliveries_never_early() -> None:
     rng = np.random.default_rng(0)
     seconds = np.cumsum(rng.choice([0.0, 5.0, 60.0], 500))
