@@ -1,0 +1,50 @@
+"""The evaluator's `--broker` check, the parts that need no broker: what it refuses, and the
+daemon config it writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_evaluate import MINIMAL
+from training.broker_check import Topics, daemon_settings, refusal, write_settings
+from training.evaluate import _settings, load_config, main
+
+SMOOTHED = "threshold = { quantile = 0.97, min_samples = 20 }\nsmoothing = { ewma_alpha = 0.3 }\n"
+
+
+def test_daemon_config_loads_back_as_the_evaluators_settings(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(MINIMAL.format(path="x", train_rows=5) + SMOOTHED)
+    config = load_config(cfg)
+    settings = _settings(config, config.detectors[0], tmp_path / "bundle")
+    topics = Topics.fresh("valve1/1.csv")
+    daemon = daemon_settings(settings, "127.0.0.1:1", topics, batch_size=7, port=1234)
+    write_settings(daemon, tmp_path / "daemon.toml")  # raises unless it loads back equal
+    assert daemon.features == settings.features and daemon.smoothing == settings.smoothing
+    assert daemon.threshold == settings.threshold and daemon.model == settings.model
+    assert daemon.batch.max_batch_size == 7 and daemon.kafka.input_topic == topics.input
+    assert "/" not in topics.input
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ('[training]\nmodel = "lstm"\n', "LSTM"),
+        ("threshold = { per_entity = true }\n", "per_entity"),
+        ("[replay]\nlabel_delay_seconds = 5.0\n", "labels"),
+    ],
+)
+def test_broker_check_refuses_per_entity_history_before_training(
+    tmp_path: Path, extra: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "c.toml"
+    text = MINIMAL.format(path=str(tmp_path / "missing"), train_rows=5)
+    cfg.write_text(text + extra)  # MINIMAL ends in its [[detectors]] entry
+    assert refusal(load_config(cfg)) is not None
+    args = ["--config", str(cfg), "--out", str(tmp_path / "out"), "--broker", "127.0.0.1:1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--broker refused" in err and why in err
+    assert not (tmp_path / "out").exists()  # refused before anything ran
