@@ -412,7 +412,8 @@ def _run_daemon(
                 raise BrokerCheckError(f"the daemon did not stop in 60s; log {log_path}") from exc
             if code != 0:
                 raise BrokerCheckError(f"the daemon exited {code} on SIGTERM; log {log_path}")
-            return full // batch_size + (rows > full), cuts_checked
+            # Measured, plus the partial batch still held if SIGTERM is what scored it.
+            return int(batches) + (consumed < rows), cuts_checked
         finally:
             if proc.poll() is None:
                 proc.kill()

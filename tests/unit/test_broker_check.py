@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from tests.unit.test_evaluate import MINIMAL
-from training.broker_check import Topics, daemon_settings, refusal, write_settings
+from training.broker_check import (
+    SeriesCheck,
+    Topics,
+    daemon_settings,
+    headline,
+    refusal,
+    summary,
+    write_settings,
+)
 from training.evaluate import _settings, load_config, main
 
 SMOOTHED = "threshold = { quantile = 0.97, min_samples = 20 }\nsmoothing = { ewma_alpha = 0.3 }\n"
@@ -48,3 +56,16 @@ def test_broker_check_refuses_per_entity_history_before_training(
     err = capsys.readouterr().err
     assert "--broker refused" in err and why in err
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_summary_lists_the_rows_alerted_on_one_side_only() -> None:
+    same = SeriesCheck("a", 10, [1, 2], [1, 2], batches=2, cuts_checked=True, dead_letters=0)
+    other = SeriesCheck("b", 10, [3, 4, 5], [4, 6], batches=2, cuts_checked=True, dead_letters=0)
+    out = summary("d", [same, other], seconds=1.0)
+    assert not out["identical"] and out["identical_series"] == 1
+    assert (out["alerts_in_process"], out["alerts_broker"], out["rows"]) == (5, 4, 20)
+    assert out["mismatches"] == [
+        {"series": "b", "only_in_process": [3, 5], "only_broker": [6],
+         "only_in_process_count": 2, "only_broker_count": 1, "cuts_checked": True}
+    ]  # fmt: skip
+    assert "DIFFERENT" in headline(out)
