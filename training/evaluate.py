@@ -6,11 +6,11 @@ through the daemon's own pipeline, and score the alerts against the labels.
 What runs is what the daemon runs: `training.fit.fit_bundle` writes a bundle, which is
 loaded and verified with `streamer.bundle.load`, and `streamer.app.build_pipeline` builds the
 `Pipeline` that turns batches of `RawMessage` (JSON bytes) into alerts; only Kafka is left
-out. Each detector variant in the config gets its own pipeline per series (the threshold
-has state), on the same bundle; its `threshold` and `smoothing` are the daemon's
-`[threshold]` and `[smoothing]` sections. Baselines B1 and B2 (`training.baselines`) run on the same
-rows in the same run. The output directory gets `result.json`, `report.html` and the
-bundles.
+out (`--broker` puts it back as a check: `training.broker_check`). Each detector variant in
+the config gets its own pipeline per series (the threshold has state), on the same bundle;
+its `threshold` and `smoothing` are the daemon's `[threshold]` and `[smoothing]` sections.
+Baselines B1 and B2 (`training.baselines`) run on the same rows in the same run. The output
+directory gets `result.json`, `report.html` and the bundles.
 """
 
 from __future__ import annotations
