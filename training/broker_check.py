@@ -70,6 +70,11 @@ def refusal(config: Any) -> str | None:
             "the features use delivered labels (label_rate): the in-process replay delivers "
             "them between batches, a daemon gets them from a feedback topic"
         )
+    if spec.stateful:
+        return (
+            "aggregate features (rolling, since_previous) are per-entity history, rebuilt "
+            "from the training rows in-process"
+        )
     if config.training.model == "lstm":
         return "LSTM windows are per-entity history, rebuilt from the training rows in-process"
     if det.threshold.per_entity:

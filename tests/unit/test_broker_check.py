@@ -69,3 +69,13 @@ def test_summary_lists_the_rows_alerted_on_one_side_only() -> None:
          "only_in_process_count": 2, "only_broker_count": 1, "cuts_checked": True}
     ]  # fmt: skip
     assert "DIFFERENT" in headline(out)
+
+
+def test_broker_check_refuses_aggregate_features(tmp_path: Path) -> None:
+    rolling = (
+        '{ kind = "rolling", field = "x", windows_seconds = [60], stats = ["mean"], key = "k" }'
+    )
+    text = MINIMAL.format(path="x", train_rows=5)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text.replace('{ kind = "numeric", field = "x" }', rolling))
+    assert "aggregate features" in (refusal(load_config(cfg)) or "")
