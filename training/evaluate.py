@@ -6,11 +6,11 @@ through the daemon's own pipeline, and score the alerts against the labels.
 What runs is what the daemon runs: `training.fit.fit_bundle` writes a bundle, which is
 loaded and verified with `streamer.bundle.load`, and `streamer.app.build_pipeline` builds the
 `Pipeline` that turns batches of `RawMessage` (JSON bytes) into alerts; only Kafka is left
-out. Each detector variant in the config gets its own pipeline per series (the threshold
-has state), on the same bundle; its `threshold` and `smoothing` are the daemon's
-`[threshold]` and `[smoothing]` sections. Baselines B1 and B2 (`training.baselines`) run on the same
-rows in the same run. The output directory gets `result.json`, `report.html` and the
-bundles.
+out (`--broker` puts it back as a check: `training.broker_check`). Each detector variant in
+the config gets its own pipeline per series (the threshold has state), on the same bundle;
+its `threshold` and `smoothing` are the daemon's `[threshold]` and `[smoothing]` sections.
+Baselines B1 and B2 (`training.baselines`) run on the same rows in the same run. The output
+directory gets `result.json`, `report.html` and the bundles.
 """
 
 from __future__ import annotations
@@ -222,6 +222,18 @@ def _spans(lo: int, hi: int, size: int, cuts: Any) -> list[tuple[int, int]]:
     return list(pairwise(points))
 
 
+def row_messages(
+    series: Series, fields: list[str], start: int, stop: int
+) -> list[tuple[bytes, int]]:
+    """Rows [start, stop) as the messages replayed: (JSON value, event time in ms). The broker
+    check produces these same bytes and timestamps."""
+    encode = msgspec.json.Encoder().encode
+    return [
+        (encode(row), int(series.seconds[start + k] * 1000))
+        for k, row in enumerate(series.event_rows(fields, start, stop))
+    ]
+
+
 def replay(
     pipeline: Any,
     series: Series,
@@ -249,8 +261,8 @@ def replay(
 
     def batch(a: int, b: int) -> list[RawMessage]:
         return [
-            RawMessage(topic, 0, a + k, None, encode(row), int(series.seconds[a + k] * 1000))
-            for k, row in enumerate(series.event_rows(fields, a, b))
+            RawMessage(topic, 0, a + k, None, value, ts)
+            for k, (value, ts) in enumerate(row_messages(series, fields, a, b))
         ]
 
     due: dict[int, np.ndarray] = {}
@@ -321,8 +333,12 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "series"
 
 
-def evaluate(config: EvalConfig, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train, replay, score. Returns (result for JSON, in-memory arrays for the report)."""
+def evaluate(
+    config: EvalConfig, out_dir: Path, broker: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train, replay, score. Returns (result for JSON, in-memory arrays for the report).
+    With `broker` (host:port), also replay the primary detector through Kafka and the real
+    daemon (`training.broker_check`) and compare the alerts: `result["broker_check"]`."""
     from streamer import bundle as bundles
     from streamer.app import build_pipeline
     from training.fit import fit_bundle
@@ -391,6 +407,11 @@ def evaluate(config: EvalConfig, out_dir: Path) -> tuple[dict[str, Any], dict[st
             )
         log.info("replayed %s over %d series", det.name, len(series_list))
     timings["replay_seconds"] = time.monotonic() - t
+    broker_result = None
+    if broker is not None:
+        t = time.monotonic()
+        broker_result = _broker_check(config, series_list, bundle_of, runs, broker, out_dir)
+        timings["broker_check_seconds"] = time.monotonic() - t
 
     t = time.monotonic()
     bspec = config.baselines.features
@@ -436,9 +457,55 @@ def evaluate(config: EvalConfig, out_dir: Path) -> tuple[dict[str, Any], dict[st
         ],
         "published": msgspec.to_builtins(config.published),
         **({"nab_cv_selection": selection} if selection is not None else {}),
+        **({"broker_check": broker_result} if broker_result is not None else {}),
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     return result, {"series": series_list, "runs": runs}
+
+
+def _broker_check(
+    config: EvalConfig,
+    series_list: list[Series],
+    bundle_of: dict[str, Any],
+    runs: dict[str, list[Run]],
+    bootstrap: str,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """The primary detector's test parts through Kafka and the daemon, compared per row."""
+    from streamer.app import build_pipeline
+    from training import broker_check
+
+    started = time.monotonic()
+    det = config.detectors[0]
+    fields = event_fields(config.features)
+    checks = []
+    for s, run in zip(series_list, runs[det.name], strict=True):
+        b, scorer = bundle_of[s.name]
+        settings = _settings(config, det, b.path)
+        if build_pipeline(settings, b, scorer).state.needs_history:
+            raise ValueError(
+                f"--broker: {s.name}: the pipeline keeps per-entity history, which the "
+                "in-process replay rebuilds from the training rows and a daemon would not"
+            )
+        scores = {int(k): float(run.scores[k]) for k in np.flatnonzero(run.flags)}
+        check = broker_check.run_series(
+            bootstrap,
+            settings,
+            s.name,
+            row_messages(s, fields, s.n_train, s.n),
+            config.replay.batch_size,
+            run.flags,
+            scores,
+            out_dir / "broker",
+            timeout_seconds=120.0 + (s.n - s.n_train) / 50.0,
+        )
+        log.info(
+            "broker check %s: %d rows, alerts in-process %d, through Kafka %d%s",
+            s.name, check.rows, len(check.in_process), len(check.broker),
+            "" if check.identical else " (DIFFERENT)",
+        )  # fmt: skip
+        checks.append(check)
+    return broker_check.summary(det.name, checks, time.monotonic() - started)
 
 
 def _baselines(
@@ -683,10 +750,16 @@ def main(argv: list[str] | None = None) -> int:
         "--seed", type=int, help="override training.seed (our model and B1): a run per seed "
         "shows how much a result owes to one initialisation",
     )  # fmt: skip
+    parser.add_argument(
+        "--broker", metavar="HOST:PORT", help="also replay the first detector's test parts "
+        "through this Kafka broker and the real daemon, and compare the alerts (exit 1 when "
+        "they differ)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # --broker: the client's chatter
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         config = load_config(args.config)
@@ -706,11 +779,25 @@ def main(argv: list[str] | None = None) -> int:
         config = msgspec.structs.replace(
             config, training=msgspec.structs.replace(config.training, seed=args.seed)
         )
+    if args.broker:
+        from training.broker_check import refusal
+
+        why = refusal(config)
+        if why is not None:
+            print(f"training.evaluate: --broker refused: {why}", file=sys.stderr)
+            return 2
     out_dir = args.out or Path("runs") / "eval" / config.name
     try:
-        result, arrays = evaluate(config, out_dir)
+        result, arrays = evaluate(config, out_dir, broker=args.broker)
     except (FileNotFoundError, ValueError) as exc:
         print(f"training.evaluate: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from training.broker_check import BrokerCheckError
+
+        if not isinstance(exc, BrokerCheckError):
+            raise
+        print(f"training.evaluate: --broker: {exc}", file=sys.stderr)
         return 2
     (out_dir / "result.json").write_bytes(msgspec.json.format(msgspec.json.encode(result)))
     save_arrays(arrays, out_dir / "series.npz")
@@ -720,6 +807,11 @@ def main(argv: list[str] | None = None) -> int:
         write_report(result, arrays, config, out_dir / "report.html")
     print(headline(result))
     print(f"wrote {out_dir / 'result.json'}" + ("" if args.no_report else " and report.html"))
+    if "broker_check" in result:
+        from training.broker_check import headline as broker_headline
+
+        print(broker_headline(result["broker_check"]))
+        return 0 if result["broker_check"]["identical"] else 1
     return 0
 
 

@@ -1,0 +1,81 @@
+"""The evaluator's `--broker` check, the parts that need no broker: what it refuses, and the
+daemon config it writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_evaluate import MINIMAL
+from training.broker_check import (
+    SeriesCheck,
+    Topics,
+    daemon_settings,
+    headline,
+    refusal,
+    summary,
+    write_settings,
+)
+from training.evaluate import _settings, load_config, main
+
+SMOOTHED = "threshold = { quantile = 0.97, min_samples = 20 }\nsmoothing = { ewma_alpha = 0.3 }\n"
+
+
+def test_daemon_config_loads_back_as_the_evaluators_settings(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(MINIMAL.format(path="x", train_rows=5) + SMOOTHED)
+    config = load_config(cfg)
+    settings = _settings(config, config.detectors[0], tmp_path / "bundle")
+    topics = Topics.fresh("valve1/1.csv")
+    daemon = daemon_settings(settings, "127.0.0.1:1", topics, batch_size=7, port=1234)
+    write_settings(daemon, tmp_path / "daemon.toml")  # raises unless it loads back equal
+    assert daemon.features == settings.features and daemon.smoothing == settings.smoothing
+    assert daemon.threshold == settings.threshold and daemon.model == settings.model
+    assert daemon.batch.max_batch_size == 7 and daemon.kafka.input_topic == topics.input
+    assert "/" not in topics.input
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ('[training]\nmodel = "lstm"\n', "LSTM"),
+        ("threshold = { per_entity = true }\n", "per_entity"),
+        ("[replay]\nlabel_delay_seconds = 5.0\n", "labels"),
+    ],
+)
+def test_broker_check_refuses_per_entity_history_before_training(
+    tmp_path: Path, extra: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "c.toml"
+    text = MINIMAL.format(path=str(tmp_path / "missing"), train_rows=5)
+    cfg.write_text(text + extra)  # MINIMAL ends in its [[detectors]] entry
+    assert refusal(load_config(cfg)) is not None
+    args = ["--config", str(cfg), "--out", str(tmp_path / "out"), "--broker", "127.0.0.1:1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--broker refused" in err and why in err
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_summary_lists_the_rows_alerted_on_one_side_only() -> None:
+    same = SeriesCheck("a", 10, [1, 2], [1, 2], batches=2, cuts_checked=True, dead_letters=0)
+    other = SeriesCheck("b", 10, [3, 4, 5], [4, 6], batches=2, cuts_checked=True, dead_letters=0)
+    out = summary("d", [same, other], seconds=1.0)
+    assert not out["identical"] and out["identical_series"] == 1
+    assert (out["alerts_in_process"], out["alerts_broker"], out["rows"]) == (5, 4, 20)
+    assert out["mismatches"] == [
+        {"series": "b", "only_in_process": [3, 5], "only_broker": [6],
+         "only_in_process_count": 2, "only_broker_count": 1, "cuts_checked": True}
+    ]  # fmt: skip
+    assert "DIFFERENT" in headline(out)
+
+
+def test_broker_check_refuses_aggregate_features(tmp_path: Path) -> None:
+    rolling = (
+        '{ kind = "rolling", field = "x", windows_seconds = [60], stats = ["mean"], key = "k" }'
+    )
+    text = MINIMAL.format(path="x", train_rows=5)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text.replace('{ kind = "numeric", field = "x" }', rolling))
+    assert "aggregate features" in (refusal(load_config(cfg)) or "")

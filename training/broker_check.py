@@ -1,0 +1,476 @@
+"""The evaluator's broker check: replay a series' test part through a real broker and the real
+daemon (`python -m streamer run`), and compare its alerts with the in-process replay's.
+
+    python -m training.evaluate --config eval/skab.toml --broker 127.0.0.1:9092
+
+Per series, for the first (primary) detector: fresh topics (one input partition, so offset k
+is test row k), the test rows produced as the same JSON bytes and event timestamps the
+in-process replay feeds `Pipeline.process`, a daemon subprocess on a config equal to the
+evaluator's (`_settings`: same bundle, features, threshold, smoothing) with its own consumer
+group reading from the earliest offset, SIGTERM once it has consumed everything, and the
+alert topic read back and mapped to rows by `source.offset`.
+
+Batch cuts: the in-process replay cuts the test part every `replay.batch_size` rows, and a
+learning threshold moves once per batch, so alerts depend on the cuts. The daemon gets
+`batch.max_batch_size = replay.batch_size` and a `max_wait_seconds` that is long next to
+filling a batch from a pre-filled topic, so it cuts at the same rows (the last, partial
+batch goes out when the wait ends); the check verifies that from the daemon's metrics (every
+batch before the last one full) rather than assuming it: `cuts_checked_series`.
+
+Refused (exit 2, naming why): pipelines with per-entity history (aggregate features, LSTM
+windows, per-entity thresholds) or delivered labels. The in-process replay rebuilds that
+state from the training rows; a daemon on a topic holding only the test part would start
+empty, so the two would compare different things.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from streamer import config as config_mod
+from streamer.config import BatchSettings, MetricsSettings, Settings
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent  # where `python -m streamer` imports from
+# The daemon's batch wait: long next to filling a batch from a pre-filled topic, so batches
+# are cut by size (checked, not assumed); the partial last batch waits this long.
+MAX_WAIT_SECONDS = 5.0
+MISMATCH_OFFSETS = 10  # offsets listed per series and side in the result
+
+
+class BrokerCheckError(Exception):
+    """The broker run could not be completed (broker, daemon or topic trouble)."""
+
+
+def refusal(config: Any) -> str | None:
+    """Why the broker check cannot compare like with like for this eval config (None: it
+    can). Read from the config, so it is refused before any training."""
+    spec = config.features
+    det = config.detectors[0]
+    if spec.labeled or config.replay.label_delay_seconds is not None:
+        return (
+            "the features use delivered labels (label_rate): the in-process replay delivers "
+            "them between batches, a daemon gets them from a feedback topic"
+        )
+    if spec.stateful:
+        return (
+            "aggregate features (rolling, since_previous) are per-entity history, rebuilt "
+            "from the training rows in-process"
+        )
+    if config.training.model == "lstm":
+        return "LSTM windows are per-entity history, rebuilt from the training rows in-process"
+    if det.threshold.per_entity:
+        return f"detector {det.name!r} has threshold.per_entity: per-entity history"
+    return None
+
+
+def to_toml(doc: dict[str, Any]) -> str:
+    """A settings document as TOML: scalars first, then one `[table]` per top-level dict;
+    deeper values inline; None left out (the default).
+
+    >>> print(to_toml({"a": 1, "t": {"s": "x", "l": [1.5, {"k": True}], "n": None}}), end="")
+    a = 1
+    <BLANKLINE>
+    [t]
+    s = "x"
+    l = [1.5, { k = true }]
+    """
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, float):
+            return ("-inf" if v < 0 else "inf") if math.isinf(v) else "nan" if v != v else repr(v)
+        if isinstance(v, int):
+            return str(v)
+        if isinstance(v, str):
+            return json.dumps(v)  # a JSON string is a valid TOML basic string
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            items = ", ".join(f"{k} = {value(x)}" for k, x in v.items() if x is not None)
+            return "{ " + items + " }"
+        raise TypeError(f"no TOML for {v!r}")
+
+    lines = [f"{k} = {value(v)}" for k, v in doc.items() if not isinstance(v, dict | None)]
+    for name, table in doc.items():
+        if isinstance(table, dict):
+            lines += ["", f"[{name}]"]
+            lines += [f"{k} = {value(v)}" for k, v in table.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def daemon_settings(
+    settings: Settings, bootstrap: str, topics: Topics, batch_size: int, port: int
+) -> Settings:
+    """The evaluator's settings for one pipeline, pointed at real topics."""
+    kafka = msgspec.structs.replace(
+        settings.kafka,
+        bootstrap_servers=bootstrap,
+        input_topic=topics.input,
+        alert_topic=topics.alerts,
+        dead_letter_topic=topics.dead_letters,
+        group_id=topics.group,
+        client_id=topics.group,
+        auto_offset_reset="earliest",
+        create_output_topics=False,  # made here, one partition each and no time retention
+    )
+    return msgspec.structs.replace(
+        settings,
+        kafka=kafka,
+        batch=BatchSettings(max_batch_size=batch_size, max_wait_seconds=MAX_WAIT_SECONDS),
+        metrics=MetricsSettings(host="127.0.0.1", port=port),
+        log_level="INFO",
+    )
+
+
+def write_settings(settings: Settings, path: Path) -> None:
+    """Write `settings` as the daemon's TOML and check it loads back equal."""
+    path.write_text(to_toml(msgspec.to_builtins(settings)))
+    loaded = config_mod.load(path, environ={})
+    if loaded != settings:
+        raise BrokerCheckError(f"{path}: the daemon config does not load back as written")
+
+
+@dataclass
+class Topics:
+    input: str
+    alerts: str
+    dead_letters: str
+    group: str
+
+    @classmethod
+    def fresh(cls, name: str) -> Topics:
+        token = f"{_slug(name)}-{uuid.uuid4().hex[:8]}"
+        return cls(f"eval-in-{token}", f"eval-alerts-{token}", f"eval-dlq-{token}", f"eval-{token}")
+
+    def all(self) -> list[str]:
+        return [self.input, self.alerts, self.dead_letters]
+
+
+def _slug(name: str) -> str:
+    out = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip("_")
+    return out[-60:] or "series"
+
+
+@dataclass
+class SeriesCheck:
+    """One series through the broker: the rows alerted on each side."""
+
+    series: str
+    rows: int
+    in_process: list[int]
+    broker: list[int]
+    batches: int
+    cuts_checked: bool
+    dead_letters: int
+    max_score_difference: float | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def identical(self) -> bool:
+        return self.in_process == self.broker
+
+
+def run_series(
+    bootstrap: str,
+    settings: Settings,
+    name: str,
+    messages: list[tuple[bytes, int]],
+    batch_size: int,
+    in_process_flags: np.ndarray,
+    in_process_scores: dict[int, float],
+    work_dir: Path,
+    timeout_seconds: float,
+) -> SeriesCheck:
+    """Produce `messages` (value, timestamp ms) to fresh topics, run the daemon over them,
+    and compare its alerts with `in_process_flags` (one per message)."""
+    from kafka.admin import NewTopic
+
+    started = time.monotonic()
+    topics = Topics.fresh(name)
+    admin = _admin(bootstrap)
+    try:
+        forever = {"retention.ms": "-1"}  # event times may be years old: keep them anyway
+        admin.create_topics(
+            [NewTopic(t, 1, 1, topic_configs=forever) for t in topics.all()],
+            wait_for_metadata=True,
+        )
+        try:
+            _produce(bootstrap, topics.input, messages)
+            port = _free_port()
+            cfg = daemon_settings(settings, bootstrap, topics, batch_size, port)
+            work_dir.mkdir(parents=True, exist_ok=True)
+            path = work_dir / f"{topics.group}.toml"
+            write_settings(cfg, path)
+            batches, cuts_checked = _run_daemon(
+                path, port, work_dir / f"{topics.group}.log", topics, len(messages),
+                batch_size, timeout_seconds,
+            )  # fmt: skip
+            done = _committed(bootstrap, topics.group, topics.input)
+            if done != len(messages):
+                raise BrokerCheckError(
+                    f"{name}: the daemon committed offset {done} of {len(messages)}"
+                )
+            alerts = _read_alerts(bootstrap, topics.alerts, timeout_seconds)
+            dead = len(_read(bootstrap, topics.dead_letters, timeout_seconds))
+        finally:
+            admin.delete_topics(topics.all())
+    finally:
+        admin.close()
+    broker = sorted({a.source.offset for a in alerts if a.source.topic == topics.input})
+    diffs = [
+        abs(a.score - in_process_scores[a.source.offset])
+        for a in alerts
+        if a.source.offset in in_process_scores
+    ]
+    check = SeriesCheck(
+        series=name,
+        rows=len(messages),
+        in_process=np.flatnonzero(in_process_flags).tolist(),
+        broker=broker,
+        batches=batches,
+        cuts_checked=cuts_checked,
+        dead_letters=dead,
+        max_score_difference=max(diffs) if diffs else None,
+        seconds=time.monotonic() - started,
+    )
+    if len(alerts) != len(broker):
+        check.notes.append(f"{len(alerts) - len(broker)} duplicate alert(s) on the topic")
+    return check
+
+
+def summary(detector: str, checks: list[SeriesCheck], seconds: float) -> dict[str, Any]:
+    """The result.json entry: totals, and the series whose alerts differ."""
+    mismatches = []
+    for c in checks:
+        if not c.identical:
+            only_in, only_b = (
+                sorted(set(c.in_process) - set(c.broker)),
+                sorted(set(c.broker) - set(c.in_process)),
+            )
+            mismatches.append(
+                {
+                    "series": c.series,
+                    "only_in_process": only_in[:MISMATCH_OFFSETS],
+                    "only_broker": only_b[:MISMATCH_OFFSETS],
+                    "only_in_process_count": len(only_in),
+                    "only_broker_count": len(only_b),
+                    "cuts_checked": c.cuts_checked,
+                }
+            )
+    diffs = [c.max_score_difference for c in checks if c.max_score_difference is not None]
+    return {
+        "detector": detector,
+        "series": len(checks),
+        "rows": sum(c.rows for c in checks),
+        "alerts_in_process": sum(len(c.in_process) for c in checks),
+        "alerts_broker": sum(len(c.broker) for c in checks),
+        "identical_series": sum(c.identical for c in checks),
+        "identical": all(c.identical for c in checks),
+        "cuts_checked_series": sum(c.cuts_checked for c in checks),
+        "batches": sum(c.batches for c in checks),
+        "dead_letters": sum(c.dead_letters for c in checks),
+        "max_score_difference": max(diffs) if diffs else None,
+        "mismatches": mismatches,
+        "notes": [f"{c.series}: {n}" for c in checks for n in c.notes],
+        "seconds": round(seconds, 2),
+    }
+
+
+def headline(check: dict[str, Any]) -> str:
+    verdict = "identical" if check["identical"] else "DIFFERENT"
+    return (
+        f"  broker check ({check['detector']}): {verdict}: {check['identical_series']}/"
+        f"{check['series']} series, {check['rows']} rows, alerts in-process "
+        f"{check['alerts_in_process']} / through Kafka {check['alerts_broker']}, "
+        f"{check['seconds']:.0f}s"
+    )
+
+
+# -- Kafka and the daemon process --------------------------------------------------------------
+
+
+def _admin(bootstrap: str) -> Any:
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="eval-broker-check")
+    except KafkaError as exc:
+        raise BrokerCheckError(f"--broker {bootstrap}: {exc}") from exc
+
+
+def _produce(bootstrap: str, topic: str, messages: list[tuple[bytes, int]]) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, batch_size=262_144,
+        max_in_flight_requests_per_connection=1,  # offsets in row order, retries or not
+    )  # fmt: skip
+    try:
+        futures = [
+            producer.send(topic, value=value, timestamp_ms=ts, partition=0)
+            for value, ts in messages
+        ]
+        producer.flush()
+        for k, f in enumerate(futures):
+            offset = f.get(timeout=30).offset
+            if offset != k:
+                raise BrokerCheckError(f"{topic}: row {k} landed at offset {offset}")
+    finally:
+        producer.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _run_daemon(
+    config: Path,
+    port: int,
+    log_path: Path,
+    topics: Topics,
+    rows: int,
+    batch_size: int,
+    timeout_seconds: float,
+) -> tuple[int, bool]:
+    """Run the daemon until it holds every row (scored, or the last partial batch polled),
+    then SIGTERM it (it scores and commits what it holds). Returns (batches, cuts_checked):
+    whether its batches before the last were all `batch_size` long, as in-process."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    full = rows // batch_size * batch_size
+    lag_key = ("anomaly_consumer_lag", (("partition", "0"), ("topic", topics.input)))
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamer", "run", "--config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + timeout_seconds
+            consumed = batches = 0.0
+            all_full = False  # seen: the rows before the partial last batch, in full batches
+            while True:
+                if proc.poll() is not None:
+                    raise BrokerCheckError(
+                        f"the daemon exited {proc.returncode}; see its log {log_path}:\n"
+                        + _tail(log_path)
+                    )
+                if time.monotonic() > deadline:
+                    raise BrokerCheckError(
+                        f"the daemon consumed {consumed:.0f} of {rows} rows in "
+                        f"{timeout_seconds:.0f}s; see its log {log_path}:\n" + _tail(log_path)
+                    )
+                try:
+                    samples = _samples(port)
+                except (OSError, urllib.error.URLError):
+                    time.sleep(0.2)
+                    continue
+                consumed = samples.get(("anomaly_events_consumed_total", ()), 0.0)
+                batches = samples.get(("anomaly_batches_total", ()), 0.0)
+                # k batches of at most batch_size rows hold k * batch_size rows: all full.
+                all_full = all_full or (consumed == full and batches * batch_size == full)
+                # The rest is in the daemon's hands once its position reached the end.
+                if consumed >= rows or (consumed >= full and samples.get(lag_key) == 0.0):
+                    break
+                time.sleep(0.2)
+            # The partial last batch is cut where the rows end, scored by the deadline or on
+            # the way out; only a second batch after the full ones would mean other cuts.
+            cuts_checked = all_full and (consumed == full or batches == full // batch_size + 1)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(60)
+            except subprocess.TimeoutExpired as exc:
+                raise BrokerCheckError(f"the daemon did not stop in 60s; log {log_path}") from exc
+            if code != 0:
+                raise BrokerCheckError(f"the daemon exited {code} on SIGTERM; log {log_path}")
+            # Measured, plus the partial batch still held if SIGTERM is what scored it.
+            return int(batches) + (consumed < rows), cuts_checked
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:]
+
+
+def _read(bootstrap: str, topic: str, timeout_seconds: float) -> list[Any]:
+    """Every record of `topic` up to its current end."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout_seconds
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise BrokerCheckError(f"could not read {topic} to its end")
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def _read_alerts(bootstrap: str, topic: str, timeout_seconds: float) -> list[Any]:
+    from streamer.records import Alert, Incident
+
+    decode = msgspec.json.Decoder(Alert | Incident).decode
+    out = []
+    for record in _read(bootstrap, topic, timeout_seconds):
+        doc = decode(record.value)
+        if isinstance(doc, Alert):
+            out.append(doc)
+    return out
+
+
+def _committed(bootstrap: str, group: str, topic: str) -> int:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return int(consumer.committed(TopicPartition(topic, 0)) or 0)
+    finally:
+        consumer.close()
