@@ -6,30 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import msgspec
-import numpy as np
 import pytest
 
-from tests.unit.test_evaluate import _to_toml, write_csv
+from tests.unit.test_evaluate import _to_toml, sensor_csvs
 from training.evaluate import main
 
 
 def labeled_csvs(tmp_path: Path) -> Path:
     """Two sensor series of 330 rows (200 train): x2 = 2 x1 normally; rows 250-274 break it.
     130 test rows in batches of 9: 14 full batches and a partial one of 4."""
-    rng = np.random.default_rng(3)
-    for k in range(2):
-        n = 330
-        x1 = rng.normal(0, 1, n)
-        x2 = 2 * x1 + rng.normal(0, 0.05, n)
-        x3 = 5 + x1 / 10 + rng.normal(0, 0.005, n)
-        labels = np.zeros(n, dtype=int)
-        labels[250:275] = 1
-        x2[250:275] += np.where(x1[250:275] > 0, -8.0, 8.0)
-        rows = [
-            [f"2019-03-01T00:{i // 60:02d}:{i % 60:02d}", x1[i], x2[i], x3[i], labels[i]]
-            for i in range(n)
-        ]
-        write_csv(tmp_path / "data" / f"s{k}.csv", ["time", "x1", "x2", "x3", "label"], rows)
+    sensor_csvs(tmp_path / "data", 330, slice(250, 275), "2019-03-01", seed=3)
     threshold = {"quantile": 0.98, "window_size": 300, "min_samples": 20}
     cfg = {
         "name": "broker-check",

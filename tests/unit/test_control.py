@@ -169,15 +169,20 @@ def test_a_repeated_label_is_a_duplicate_and_counts_once() -> None:
     assert x.tolist() == [[2.0, 0.5]]  # two of the four events, each once
 
 
-def test_the_feedback_path_counts_a_duplicate_label_apart() -> None:
-    """The daemon's feedback loop: a redelivered label is counted as `duplicate` in
-    anomaly_feedback_total, and changes no feature."""
+def _feedback_detector() -> Detector:
+    """A Detector (not started) that reads a feedback topic, for its feedback path."""
     settings = from_mapping(
         {"profile": "orders", "model": {"bundle": "unused"},
          "kafka": {"input_topic": "in", "alert_topic": "a", "dead_letter_topic": "d"},
          "control": {"feedback_topic": "fb"}}
     )  # fmt: skip
-    d = Detector(settings)
+    return Detector(settings)
+
+
+def test_the_feedback_path_counts_a_duplicate_label_apart() -> None:
+    """The daemon's feedback loop: a redelivered label is counted as `duplicate` in
+    anomaly_feedback_total, and changes no feature."""
+    d = _feedback_detector()
     assert d._control is not None
     spec = LABELED
     state = AggregateState(spec, labels=d._control.labels)  # as build_pipeline shares it
@@ -203,12 +208,7 @@ def test_the_feedback_path_counts_a_duplicate_label_apart() -> None:
 def test_the_feedback_path_withdraws_and_relabels() -> None:
     """`"anomaly": false` for a counted label takes it back (counted as `withdrawn`); one for
     an event not counted changes nothing (`unmatched`); a relabel counts again."""
-    settings = from_mapping(
-        {"profile": "orders", "model": {"bundle": "unused"},
-         "kafka": {"input_topic": "in", "alert_topic": "a", "dead_letter_topic": "d"},
-         "control": {"feedback_topic": "fb"}}
-    )  # fmt: skip
-    d = Detector(settings)
+    d = _feedback_detector()
     assert d._control is not None
     spec = LABELED
     state = AggregateState(spec, labels=d._control.labels)

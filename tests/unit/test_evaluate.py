@@ -381,23 +381,28 @@ def test_smoothing_settings_name_the_bad_field(kwargs: dict[str, Any], field: st
 # -- end to end --------------------------------------------------------------------------------
 
 
-def synthetic(tmp_path: Path) -> Path:
-    """Two sensor series: normal rows follow x2 = 2 x1, x3 = 5 + x1 / 10; rows 260-289 break
-    the first relation by 4 standard deviations of x2 (a row-wise anomaly, not a range one)."""
-    rng = np.random.default_rng(0)
+def sensor_csvs(folder: Path, n: int, broken: slice, day: str, seed: int) -> None:
+    """Two sensor series s0.csv, s1.csv: normal rows follow x2 = 2 x1, x3 = 5 + x1 / 10; the
+    `broken` rows break the first relation by 4 standard deviations of x2 (a row-wise
+    anomaly, not a range one). One row a second from `day` (ISO date), labels in `label`."""
+    rng = np.random.default_rng(seed)
     for k in range(2):
-        n = 340
         x1 = rng.normal(0, 1, n)
         x2 = 2 * x1 + rng.normal(0, 0.05, n)
         x3 = 5 + x1 / 10 + rng.normal(0, 0.005, n)
         labels = np.zeros(n, dtype=int)
-        labels[260:290] = 1
-        x2[260:290] += np.where(x1[260:290] > 0, -8.0, 8.0)
+        labels[broken] = 1
+        x2[broken] += np.where(x1[broken] > 0, -8.0, 8.0)
         rows = [
-            [f"2021-01-01T00:{i // 60:02d}:{i % 60:02d}", x1[i], x2[i], x3[i], labels[i]]
+            [f"{day}T00:{i // 60:02d}:{i % 60:02d}", x1[i], x2[i], x3[i], labels[i]]
             for i in range(n)
         ]
-        write_csv(tmp_path / "data" / f"s{k}.csv", ["time", "x1", "x2", "x3", "label"], rows)
+        write_csv(folder / f"s{k}.csv", ["time", "x1", "x2", "x3", "label"], rows)
+
+
+def synthetic(tmp_path: Path) -> Path:
+    """`sensor_csvs`: 340 rows each, rows 260-289 broken."""
+    sensor_csvs(tmp_path / "data", 340, slice(260, 290), "2021-01-01", seed=0)
     cfg = {
         "name": "synthetic",
         "data": {"adapter": "csv", "path": str(tmp_path / "data"), "time_column": "time",
