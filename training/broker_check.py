@@ -20,7 +20,8 @@ batch before the last one full) rather than assuming it: `cuts_checked_series`.
 Refused (exit 2, naming why): pipelines with per-entity history (aggregate features, LSTM
 windows, per-entity thresholds) or delivered labels. The in-process replay rebuilds that
 state from the training rows; a daemon on a topic holding only the test part would start
-empty, so the two would compare different things.
+empty, so the two would compare different things. Replays with retraining too: the daemon
+run serves one bundle throughout.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ def refusal(config: Any) -> str | None:
         return "LSTM windows are per-entity history, rebuilt from the training rows in-process"
     if det.threshold.per_entity:
         return f"detector {det.name!r} has threshold.per_entity: per-entity history"
+    if config.replay.retrain_every_rows is not None:
+        return (
+            "replay.retrain_every_rows swaps in retrained bundles mid-replay; the daemon run "
+            "serves the first bundle throughout"
+        )
     return None
 
 

@@ -90,12 +90,25 @@ class ReplaySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # With label_rate features: a row's label reaches the pipeline's state this long after
     # the row's event time (training and replay alike); None: the shortest column delay.
     label_delay_seconds: float | None = None
+    # Periodic retraining, as an operator runs `training fit` on recent history: before test
+    # row k * retrain_every_rows (k >= 1; a series with m test rows gets
+    # (m - 1) // retrain_every_rows retrains) a new bundle is fitted on the last
+    # retrain_history_rows rows seen (training part + test rows replayed, unlabeled; None:
+    # all of them) and a new pipeline continues from its warm start, as the daemon's reload.
+    retrain_every_rows: int | None = None
+    retrain_history_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError("replay.batch_size must be >= 1")
         if self.label_delay_seconds is not None and not self.label_delay_seconds >= 0.0:
             raise ValueError("replay.label_delay_seconds must be >= 0")
+        for name in ("retrain_every_rows", "retrain_history_rows"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"replay.{name} must be >= 1")
+        if self.retrain_history_rows is not None and self.retrain_every_rows is None:
+            raise ValueError("replay.retrain_history_rows needs replay.retrain_every_rows")
 
 
 class MetricSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -154,6 +167,16 @@ class EvalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             if any(d.smoothing and d.smoothing.margin for d in self.detectors):
                 # The margin's floor is not kept per row, so alerts at other levels are unknown.
                 raise ValueError("metrics.nab_cv_levels does not work with smoothing.margin")
+        if self.replay.retrain_every_rows is not None:
+            if self.model_scope != "series":
+                # One model for all series would be refitted on rows of every series at once;
+                # the replay goes series by series, so there is no "rows seen so far" for it.
+                raise ValueError('replay.retrain_every_rows needs model_scope = "series"')
+            if self.features.labeled:
+                raise ValueError(
+                    "replay.retrain_every_rows does not work with label_rate features (their "
+                    "per-entity state would have to be rebuilt at each reload)"
+                )
 
 
 def load_config(path: str | Path) -> EvalConfig:
@@ -241,13 +264,18 @@ def replay(
     batch_size: int,
     top: int,
     label_delay_seconds: float | None = None,
+    reloads: dict[int, Any] | None = None,
 ) -> Run:
     """Feed the test rows to a Pipeline as JSON messages, batch by batch, as the daemon does.
 
     With label_rate features, each anomalous row's label reaches the pipeline's state
     `label_delay_seconds` after its event time (`streamer.labels.deliveries`), never
     earlier: a batch is cut where labels become due, and they are delivered between the
-    parts, as the daemon applies feedback between batches."""
+    parts, as the daemon applies feedback between batches.
+
+    `reloads` maps a test row to the pipeline that scores from that row on (a retrained
+    bundle's, swapped in between batches as the daemon's hot reload does); batches restart
+    at each such row. Only for pipelines without per-entity state: the new one starts empty."""
     n0, m = series.n_train, series.n - series.n_train
     run = Run(np.full(m, np.nan), np.zeros(m, dtype=bool), np.full(m, np.nan))
     smoothed = isinstance(pipeline.threshold, SmoothedThreshold)
@@ -286,7 +314,11 @@ def replay(
         for a, b in _spans(0, n0, batch_size, due):
             deliver(a)
             pipeline.process(batch(a, b), replay=True)
-    for a, b in _spans(n0, series.n, batch_size, due):
+    reloads = reloads or {}
+    bounds = [n0, *sorted(r for r in reloads if n0 < r < series.n), series.n]
+    spans = [ab for lo, hi in pairwise(bounds) for ab in _spans(lo, hi, batch_size, due)]
+    for a, b in spans:
+        pipeline = reloads.get(a, pipeline)
         deliver(a)
         messages = batch(a, b)
         result = pipeline.process(messages)
@@ -386,6 +418,24 @@ def evaluate(
         log.info("bundle %s for %s (%d training rows)", fitted.version, key, len(hist.features))
     timings["train_seconds"] = time.monotonic() - t
 
+    # Periodic retraining (replay.retrain_every_rows): every bundle a series' replay will swap
+    # in, fitted up front; each sees only rows before the test row it starts at.
+    retrained: dict[str, list[tuple[int, Any, Any]]] = {s.name: [] for s in series_list}
+    if config.replay.retrain_every_rows is not None:
+        b, scorer = bundle_of[series_list[0].name]
+        for det in config.detectors:
+            if build_pipeline(_settings(config, det, b.path), b, scorer).state.needs_history:
+                raise ValueError(
+                    f"replay.retrain_every_rows: detector {det.name!r} keeps per-entity state "
+                    "(LSTM windows, aggregates or per-entity thresholds), which a reload would "
+                    "have to rebuild; retraining is replayed for stateless pipelines only"
+                )
+        t = time.monotonic()
+        for s, h in zip(series_list, feats, strict=True):
+            retrained[s.name] = _retrain(config, s, h, out_dir / "bundles" / _safe(s.name))
+        timings["retrains"] = sum(len(v) for v in retrained.values())
+        timings["retrain_seconds"] = time.monotonic() - t
+
     runs: dict[str, list[Run]] = {}
     kinds: dict[str, str] = {}
     t = time.monotonic()
@@ -395,6 +445,10 @@ def evaluate(
             b, scorer = bundle_of[s.name]
             settings = _settings(config, det, b.path)
             pipeline = build_pipeline(settings, b, scorer)  # smoothed as the daemon would
+            reloads = {
+                row: build_pipeline(_settings(config, det, rb.path), rb, rscorer)
+                for row, rb, rscorer in retrained[s.name]
+            }
             runs[det.name].append(
                 replay(
                     pipeline,
@@ -403,6 +457,7 @@ def evaluate(
                     config.replay.batch_size,
                     config.report.top_alerts,
                     delay,
+                    reloads,
                 )
             )
         log.info("replayed %s over %d series", det.name, len(series_list))
@@ -506,6 +561,44 @@ def _broker_check(
         )  # fmt: skip
         checks.append(check)
     return broker_check.summary(det.name, checks, time.monotonic() - started)
+
+
+def retrain_seed(seed: int, k: int) -> int:
+    """The training seed of a series' k-th retrain (k >= 1), fixed by `training.seed`.
+
+    >>> retrain_seed(0, 1) == retrain_seed(0, 1) != retrain_seed(0, 2)
+    True
+    """
+    return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+
+
+def _retrain(
+    config: EvalConfig, s: Series, history: History, registry: Path
+) -> list[tuple[int, Any, Any]]:
+    """Fit, load and verify the bundles that take over before test rows n_train + k * every
+    (k >= 1, while a row is left to score): each on the `retrain_history_rows` rows before
+    its start row, as `training fit` on recent history, into the series' registry (its
+    `current` moves on, as in production). Returns (start row, bundle, scorer) in order."""
+    from streamer import bundle as bundles
+    from training.fit import fit_bundle
+
+    every, keep = config.replay.retrain_every_rows, config.replay.retrain_history_rows
+    assert every is not None
+    out = []
+    for k, row in enumerate(range(s.n_train + every, s.n, every), 1):
+        lo = 0 if keep is None else max(0, row - keep)
+        recent = History(
+            history.features[lo:row], history.event_seconds[lo:row], 0, history.keys[lo:row]
+        )
+        training = msgspec.structs.replace(
+            config.training, seed=retrain_seed(config.training.seed, k)
+        )
+        source = f"{config.name}:{s.name}:retrain {k}"
+        fit_bundle(config.features, recent, training, registry, source=source)
+        loaded = bundles.load(registry, expected_spec=config.features)  # as the daemon reloads
+        out.append((row, loaded, loaded.load_scorer()))
+        log.info("%s: bundle %s from row %d (rows %d-%d)", s.name, loaded.version, row, lo, row)
+    return out
 
 
 def _baselines(

@@ -42,6 +42,7 @@ def test_daemon_config_loads_back_as_the_evaluators_settings(tmp_path: Path) -> 
         ('[training]\nmodel = "lstm"\n', "LSTM"),
         ("threshold = { per_entity = true }\n", "per_entity"),
         ("[replay]\nlabel_delay_seconds = 5.0\n", "labels"),
+        ("[replay]\nretrain_every_rows = 10\n", "retrain"),
     ],
 )
 def test_broker_check_refuses_per_entity_history_before_training(

@@ -18,9 +18,12 @@ from training.evaluate import (
     DetectorSettings,
     EvalConfigError,
     MetricSettings,
+    ReplaySettings,
+    ReportSettings,
     evaluate,
     load_config,
     main,
+    retrain_seed,
 )
 from training.quality import average_precision, event_counts, point_counts, recall_at_rate
 from training.report import write_report
@@ -589,3 +592,97 @@ def test_replay_delivers_labels_at_their_time_and_matches_training_features() ->
         from training.datasets import from_events
 
         from_events(spec, [])
+
+
+# -- periodic retraining -----------------------------------------------------------------------
+
+
+def _retrain_config(tmp_path: Path, every: int, history: int | None = 150) -> Any:
+    """One synthetic series (140 test rows), tiny training, a detector that alerts often (so
+    every segment of the replay has alerts to read the model version from)."""
+    config = load_config(synthetic(tmp_path))
+    return msgspec.structs.replace(
+        config,
+        data=msgspec.structs.replace(config.data, max_series=1),
+        training=msgspec.structs.replace(config.training, epochs=3, patience=3),
+        replay=ReplaySettings(batch_size=7, retrain_every_rows=every, retrain_history_rows=history),
+        detectors=[
+            DetectorSettings(
+                name="often",
+                threshold=ThresholdSettings(quantile=0.5, window_size=500, min_samples=1),
+            )
+        ],
+        metrics=MetricSettings(nab=True),
+        baselines=BaselineSettings(b1=False, b2=False, all_rows=False),
+        report=ReportSettings(top_alerts=1000),  # every alert kept, to read its model
+    )
+
+
+def test_retraining_swaps_in_a_new_bundle_at_each_retrain_row(tmp_path: Path) -> None:
+    config = _retrain_config(tmp_path, every=40)
+    result, arrays = evaluate(config, tmp_path / "out")
+    # 140 test rows: retrains before test rows 40, 80, 120 = (140 - 1) // 40.
+    assert result["timings"]["retrains"] == 3 and result["timings"]["retrain_seconds"] > 0
+    (run,) = arrays["runs"]["often"]
+    n0 = arrays["series"][0].n_train
+    versions: dict[int, set[str]] = {}
+    for _, _, alert in run.top_alerts:
+        segment = (alert.source.offset - n0) // 40
+        versions.setdefault(segment, set()).add(alert.model.version)
+    assert sorted(versions) == [0, 1, 2, 3]
+    assert all(len(v) == 1 for v in versions.values())  # one model per segment
+    assert len(set().union(*versions.values())) == 4  # and a new one after each retrain
+    # The series' registry holds every version; `current` is the last one, as in production.
+    registry = tmp_path / "out" / "bundles" / "s0.csv"
+    assert len([p for p in registry.iterdir() if (p / "manifest.json").is_file()]) == 4
+    from streamer.bundle import current_version
+
+    assert current_version(registry) in versions[3]
+
+
+def test_retrain_seeds_are_derived_and_results_repeat(tmp_path: Path) -> None:
+    config = _retrain_config(tmp_path, every=70, history=None)  # history: every row seen
+    first, _ = evaluate(config, tmp_path / "a")
+    second, _ = evaluate(config, tmp_path / "b")
+    assert first["timings"]["retrains"] == 1  # (140 - 1) // 70
+    a, b = first["detectors"]["often"], second["detectors"]["often"]
+    assert a["alerts"] == b["alerts"] and a["nab"] == b["nab"]
+    assert retrain_seed(1, 1) == retrain_seed(1, 1) != retrain_seed(1, 2)
+    manifests = [
+        msgspec.json.decode(p.read_bytes())
+        for p in (tmp_path / "a" / "bundles" / "s0.csv").glob("*/manifest.json")
+    ]
+    seeds = sorted(m["training"]["settings"]["seed"] for m in manifests)
+    assert seeds == sorted([1, retrain_seed(1, 1)])
+    events = {m["data"]["events"] for m in manifests}
+    assert events == {200, 270}  # the training part, then every row before test row 70
+
+
+@pytest.mark.parametrize(
+    ("replay", "match"),
+    [
+        ("retrain_every_rows = 0", r"replay\.retrain_every_rows must be >= 1"),
+        ("retrain_every_rows = 5\nretrain_history_rows = 0", "retrain_history_rows must be"),
+        ("retrain_history_rows = 50", "retrain_history_rows needs replay.retrain_every_rows"),
+    ],
+)
+def test_retrain_settings_name_the_field(tmp_path: Path, replay: str, match: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(MINIMAL.format(path="x", train_rows=5) + f"\n[replay]\n{replay}\n")
+    with pytest.raises(EvalConfigError, match=match):
+        load_config(cfg)
+
+
+def test_retraining_refuses_a_shared_model_and_per_entity_state(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    text = MINIMAL.format(path="x", train_rows=5) + "\n[replay]\nretrain_every_rows = 5\n"
+    cfg.write_text('model_scope = "shared"\n' + text)
+    with pytest.raises(EvalConfigError, match=r"retrain_every_rows needs model_scope"):
+        load_config(cfg)
+    config = _retrain_config(tmp_path, every=40)
+    per_entity = ThresholdSettings(quantile=0.5, window_size=500, min_samples=1, per_entity=True)
+    config = msgspec.structs.replace(
+        config, detectors=[DetectorSettings(name="entity", threshold=per_entity)]
+    )
+    with pytest.raises(ValueError, match=r"retrain_every_rows: detector 'entity'"):
+        evaluate(config, tmp_path / "out")
