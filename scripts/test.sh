@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: lint, type-check, then every test tier. The integration tests start their
-# own Kafka broker (tests/conftest.py) on 127.0.0.1:19092 and stop it at the end.
+# own Kafka broker (tests/conftest.py) on 127.0.0.1:19092, or on $TEST_KAFKA_PORT when set, and
+# stop it at the end.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh

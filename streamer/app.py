@@ -141,7 +141,11 @@ class Detector:
         self._silent_since: float | None = None  # when the coordinator last stopped answering
         c = settings.control
         self._side_topics = [t for t in (c.topic, c.feedback_topic) if t]
-        self._control = ControlState(c, settings.spec.time_format) if self._side_topics else None
+        self._control = (
+            ControlState(c, settings.spec.time_format, settings.state.max_entities)
+            if self._side_topics
+            else None
+        )
         self._follower: kafka_io.TopicFollower | None = None
         # The feedback topic and how long its labels matter, until its retention is checked.
         reach = settings.spec.label_reach_seconds

@@ -24,6 +24,7 @@ from streamer.profiles import BUILTIN
 from streamer.smoothing import SmoothingSettings
 
 ENV_PREFIX = "STREAMER_"
+DEFAULT_MAX_ENTITIES = 100_000  # state.max_entities
 
 
 class ConfigError(Exception):
@@ -176,10 +177,12 @@ class ThresholdSettings(_Section, frozen=True):
 
 
 class StateSettings(_Section, frozen=True):
-    """Per-entity state: LSTM windows, aggregate features, per-entity thresholds."""
+    """Per-entity state: LSTM windows, aggregate features, per-entity thresholds, incidents,
+    and the keys of the label feedback (streamer/labels.py)."""
 
-    # Entities kept per kind of state; the least recently seen is evicted beyond it.
-    max_entities: int = 100_000
+    # Entities kept per kind of state (label keys too); the least recently seen is evicted
+    # beyond it.
+    max_entities: int = DEFAULT_MAX_ENTITIES
     # On every partition assignment (start, restart, rebalance) the state of the partition's
     # entities is rebuilt by re-reading up to this many messages before the committed offset.
     # Exact when every entity's needed history lies within that tail; 0 turns it off.

@@ -67,7 +67,7 @@ from typing import Annotated
 import msgspec
 import numpy as np
 
-from streamer.config import ControlSettings
+from streamer.config import DEFAULT_MAX_ENTITIES, ControlSettings
 from streamer.features import TimeFormat
 from streamer.labels import LabelStore
 
@@ -153,11 +153,19 @@ class ControlError(ValueError):
 
 
 class ControlState:
-    def __init__(self, settings: ControlSettings, time_format: TimeFormat = "epoch_s") -> None:
+    """`max_label_keys`: the label store's keys (the app passes `state.max_entities`, as the
+    evaluator's aggregates bound theirs), least recently labeled evicted first."""
+
+    def __init__(
+        self,
+        settings: ControlSettings,
+        time_format: TimeFormat = "epoch_s",
+        max_label_keys: int = DEFAULT_MAX_ENTITIES,
+    ) -> None:
         self.settings = settings
         self.time_format = time_format  # how a label's numeric event_time reads
         # Confirmed labels for the label_rate features: the pipelines' states share it.
-        self.labels = LabelStore()
+        self.labels = LabelStore(max_keys=max_label_keys)
         self.overrides: dict[Hashable, float] = {}  # entity -> fixed threshold
         self.muted: set[Hashable] = set()
         self.factors: dict[Hashable, float] = {}  # entity -> false-positive multiplier

@@ -11,6 +11,7 @@ import math
 import socket
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
@@ -109,31 +110,95 @@ def _days(ms: float) -> str:
     return f"{ms / 86400_000:.1f} days"
 
 
-def topic_retention_ms(admin: KafkaAdminClient, topic: str) -> int | None:
-    """A topic's retention.ms as the broker applies it (its own, or the broker's default);
-    None when the broker does not say (no such topic, or not allowed to describe it)."""
-    resource = ConfigResource(ConfigResourceType.TOPIC, topic, ["retention.ms"])
+@dataclass(frozen=True)
+class Retention:
+    """What decides how long a topic keeps its messages, as the broker applies it. None: the
+    broker did not say."""
+
+    retention_ms: int | None
+    retention_bytes: int | None = -1  # per partition; -1: no limit
+    cleanup_policy: str | None = "delete"  # "delete", "compact" or "compact,delete"
+
+
+# Created with these besides retention.ms, whatever the broker's defaults: neither size nor
+# compaction deletes a label before its time.
+FEEDBACK_TOPIC_CONFIG = {"retention.bytes": "-1", "cleanup.policy": "delete"}
+
+
+def retention_warnings(topic: str, r: Retention, label_horizon_seconds: float) -> list[str]:
+    """Everything that makes a feedback topic lose labels younger than the horizon: a short
+    retention.ms (`retention_warning`), a size limit (retention.bytes: the oldest segments go
+    once a partition outgrows it, however young), and compaction (only the last message of
+    each key stays, so labels that share a key are lost).
+
+    >>> retention_warnings("fb", Retention(-1), 86400.0)
+    []
+    >>> for w in retention_warnings("fb", Retention(-1, 1 << 30, "compact,delete"), 86400.0):
+    ...     print(w.split(" (")[0])
+    feedback topic 'fb' keeps at most 1073741824 bytes per partition
+    feedback topic 'fb' is compacted
+    """
+    warnings = []
+    if r.retention_ms is not None:
+        short = retention_warning(topic, r.retention_ms, label_horizon_seconds)
+        warnings += [short] if short else []
+    if r.retention_bytes is not None and r.retention_bytes >= 0:
+        warnings.append(
+            f"feedback topic {topic!r} keeps at most {r.retention_bytes} bytes per partition "
+            f"(retention.bytes={r.retention_bytes}): the broker deletes its oldest labels once "
+            f"it holds more, even those younger than {_days(label_horizon_seconds * 1000)} that "
+            "still change the label_rate features, and a restarted replica misses them; set its "
+            "retention.bytes to -1"
+        )
+    policies = {p.strip() for p in (r.cleanup_policy or "").split(",")}
+    if "compact" in policies:
+        warnings.append(
+            f"feedback topic {topic!r} is compacted (cleanup.policy={r.cleanup_policy}): "
+            "compaction keeps only the last message of each key, so labels that share a key "
+            "are lost to a restarted replica; set its cleanup.policy to delete"
+        )
+    return warnings
+
+
+def topic_retention(admin: KafkaAdminClient, topic: str) -> Retention | None:
+    """A topic's retention.ms, retention.bytes and cleanup.policy as the broker applies them
+    (its own, or the broker's defaults); None when the broker says none of them (no such
+    topic, or not allowed to describe it)."""
+    names = ["retention.ms", "retention.bytes", "cleanup.policy"]
+    resource = ConfigResource(ConfigResourceType.TOPIC, topic, names)
     described = admin.describe_configs([resource], config_filter="all")
-    entry = described.get("topic", {}).get(topic, {}).get("retention.ms")
-    value = entry.get("value") if isinstance(entry, dict) else None
-    return None if value is None else int(value)
+    entries = described.get("topic", {}).get(topic, {})
+    values = {}
+    for name in names:
+        entry = entries.get(name)
+        values[name] = entry.get("value") if isinstance(entry, dict) else None
+    if all(v is None for v in values.values()):
+        return None
+    ms, size, policy = (values[n] for n in names)
+    return Retention(
+        retention_ms=None if ms is None else int(ms),
+        retention_bytes=None if size is None else int(size),
+        cleanup_policy=None if policy is None else str(policy),
+    )
 
 
 def check_retention(admin: KafkaAdminClient, topic: str, label_horizon_seconds: float) -> None:
-    """Log a warning when the feedback topic loses labels a restarted replica needs; never
-    stops the start (the features only differ, and an operator may know better)."""
+    """Log a warning for each way the feedback topic loses labels a restarted replica needs;
+    never stops the start (the features only differ, and an operator may know better)."""
     try:
-        retention_ms = topic_retention_ms(admin, topic)
+        retention = topic_retention(admin, topic)
     except (KafkaError, KeyError, TypeError, ValueError) as exc:
-        log.warning("feedback topic %r: retention.ms not checked: %s", topic, exc)
+        log.warning("feedback topic %r: retention not checked: %s", topic, exc)
         return
-    if retention_ms is None:
+    if retention is None or retention.retention_ms is None:
         log.warning("feedback topic %r: retention.ms not checked: the broker did not say", topic)
+    if retention is None:
         return
-    warning = retention_warning(topic, retention_ms, label_horizon_seconds)
-    if warning:
+    warnings = retention_warnings(topic, retention, label_horizon_seconds)
+    for warning in warnings:
         log.warning("%s", warning)
-    else:
+    if not warnings and retention.retention_ms is not None:
+        retention_ms = retention.retention_ms
         log.info(
             "feedback topic %r keeps labels %s, for a label horizon of %s", topic,
             "forever" if retention_ms < 0 else _days(retention_ms),
@@ -170,7 +235,10 @@ def prepare_topics(
             )
         configs: dict[str, dict[str, str]] = {}
         if feedback:  # kept as long as its labels matter, whatever the broker's default
-            configs[feedback[0]] = {"retention.ms": str(feedback_retention_ms(feedback[1]))}
+            configs[feedback[0]] = {
+                "retention.ms": str(feedback_retention_ms(feedback[1])),
+                **FEEDBACK_TOPIC_CONFIG,
+            }
         if missing:
             new = [
                 NewTopic(

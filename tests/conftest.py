@@ -1,9 +1,14 @@
 """Shared fixtures: one real Kafka broker per test session, and one small trained bundle.
 
-The broker is the repo's own local KRaft broker (deploy/local-kafka/kafka.sh) on port 19092,
-started fresh for the session and stopped at its end. Set KAFKA_BOOTSTRAP to use a broker
-that is already running instead. If no broker can be had, the integration tests fail: they
-never skip.
+The broker is the repo's own local KRaft broker (deploy/local-kafka/kafka.sh) on
+127.0.0.1:$TEST_KAFKA_PORT (19092 by default; its controller on the next port), started fresh
+for the session and stopped at its end. kafka.sh names its data directory, properties, log and
+pid file by port, so a second test session on the same machine runs beside the first with
+another TEST_KAFKA_PORT (e.g. 29092); the fault tests' own broker moves with it (port + 100).
+A port something already listens on fails the session before the broker is touched: the
+session would otherwise reset (stop and wipe) another session's broker of the same checkout.
+Set KAFKA_BOOTSTRAP to use a broker that is already running instead. If no broker can be had,
+the integration tests fail: they never skip.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import os
 import socket
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from itertools import islice
 from pathlib import Path
 
@@ -28,7 +33,48 @@ from training.simulate import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_SH = ROOT / "deploy" / "local-kafka" / "kafka.sh"
-TEST_PORT = "19092"
+DEFAULT_TEST_PORT = 19092
+MAX_TEST_PORT = 65535 - 101  # room for the controller and the fault tests' broker
+
+
+def broker_port(environ: Mapping[str, str] = os.environ) -> int:
+    """The port of the session's own broker: TEST_KAFKA_PORT, or 19092. Its controller listens
+    on the next port, and the fault tests' broker on port + 100 and + 101.
+
+    >>> broker_port({}), broker_port({"TEST_KAFKA_PORT": "29092"})
+    (19092, 29092)
+    """
+    raw = environ.get("TEST_KAFKA_PORT", "").strip() or str(DEFAULT_TEST_PORT)
+    try:
+        port = int(raw)
+    except ValueError:
+        port = 0
+    if not 1024 <= port <= MAX_TEST_PORT:
+        raise ValueError(f"TEST_KAFKA_PORT must be in [1024, {MAX_TEST_PORT}], not {raw!r}")
+    return port
+
+
+def broker_env(port: int, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """kafka.sh's environment for a broker on `port`: the controller on port + 1, as kafka.sh
+    derives it, set here so an inherited KAFKA_CONTROLLER_PORT cannot make two brokers share
+    one.
+
+    >>> env = broker_env(29092, {"KAFKA_CONTROLLER_PORT": "19093"})
+    >>> env["KAFKA_PORT"], env["KAFKA_CONTROLLER_PORT"]
+    ('29092', '29093')
+    """
+    return {**environ, "KAFKA_PORT": str(port), "KAFKA_CONTROLLER_PORT": str(port + 1)}
+
+
+def ports_in_use(*ports: int) -> list[int]:
+    """Those of `ports` something on 127.0.0.1 accepts connections on."""
+    busy = []
+    for port in ports:
+        with socket.socket() as s:
+            s.settimeout(1.0)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                busy.append(port)
+    return busy
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +83,20 @@ def kafka_bootstrap() -> Iterator[str]:
     if given:
         yield given
         return
-    env = {**os.environ, "KAFKA_PORT": TEST_PORT}
+    try:
+        port = broker_port()
+    except ValueError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    busy = ports_in_use(port, port + 1)
+    if busy:
+        pytest.fail(
+            f"port(s) {busy} on 127.0.0.1 are in use (another test session's broker?): set "
+            "TEST_KAFKA_PORT to a free port (its controller takes the next one), or stop a "
+            f"leftover broker of this checkout with KAFKA_PORT={port} "
+            "deploy/local-kafka/kafka.sh stop",
+            pytrace=False,
+        )
+    env = broker_env(port)
     subprocess.run([str(KAFKA_SH), "reset"], env=env, check=True)
     started = subprocess.run([str(KAFKA_SH), "start"], env=env, capture_output=True, text=True)
     if started.returncode != 0:
@@ -45,7 +104,7 @@ def kafka_bootstrap() -> Iterator[str]:
             f"the local Kafka broker did not start:\n{started.stderr[-4000:]}", pytrace=False
         )
     try:
-        yield f"127.0.0.1:{TEST_PORT}"
+        yield f"127.0.0.1:{port}"
     finally:
         subprocess.run([str(KAFKA_SH), "stop"], env=env, check=False)
 

@@ -31,7 +31,7 @@ from streamer import bundle as bundles
 from streamer.app import build_pipeline
 from streamer.config import from_mapping
 from streamer.records import RawMessage
-from tests.conftest import KAFKA_SH
+from tests.conftest import KAFKA_SH, broker_env, broker_port, ports_in_use
 from tests.integration.conftest import (
     Daemon,
     Topics,
@@ -45,7 +45,9 @@ from training.simulate import simulate
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
-OWN_BROKER_PORT = "19192"
+# This module's broker sits 100 above the session's (19192 by default), so it moves with
+# TEST_KAFKA_PORT too.
+OWN_BROKER_OFFSET = 100
 
 
 @dataclass
@@ -59,7 +61,7 @@ class Broker:
         return f"127.0.0.1:{self.port}"
 
     def _run(self, command: str) -> None:
-        env = {**os.environ, "KAFKA_PORT": self.port}
+        env = broker_env(int(self.port))
         done = subprocess.run([str(KAFKA_SH), command], env=env, capture_output=True, text=True)
         assert done.returncode == 0, f"kafka.sh {command} failed:\n{done.stderr[-3000:]}"
 
@@ -72,7 +74,10 @@ class Broker:
 
 @pytest.fixture(scope="module")
 def own_broker() -> Iterator[Broker]:
-    broker = Broker(OWN_BROKER_PORT)
+    port = broker_port() + OWN_BROKER_OFFSET
+    busy = ports_in_use(port, port + 1)
+    assert not busy, f"port(s) {busy} in use: another session's broker? (TEST_KAFKA_PORT)"
+    broker = Broker(str(port))
     broker._run("reset")
     broker.start()
     try:

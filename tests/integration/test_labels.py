@@ -143,35 +143,55 @@ def test_the_feedback_topic_keeps_labels_as_long_as_they_matter(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Created by the daemon, the feedback topic keeps messages the labels' horizon plus a
-    margin; an existing one that keeps them less is named in a warning, and the start goes on."""
+    margin, limited by time alone; an existing one that keeps them less, limits them by size
+    or compacts them is named in a warning for each, and the start goes on."""
     k = KafkaSettings(
         bootstrap_servers=kafka_bootstrap, input_topic=topics.input,
         alert_topic=topics.alerts, dead_letter_topic=topics.dead_letters,
     )  # fmt: skip
     horizon = SPEC.label_reach_seconds
     created, short, forever = unique("fb-new"), unique("fb-week"), unique("fb-forever")
+    sized, compacted = unique("fb-sized"), unique("fb-compacted")
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
     try:
         admin.create_topics(
             [NewTopic(short, 1, 1, topic_configs={"retention.ms": str(int(DAY * 1000))}),
-             NewTopic(forever, 1, 1, topic_configs={"retention.ms": "-1"})],
+             NewTopic(forever, 1, 1, topic_configs={"retention.ms": "-1"}),
+             NewTopic(sized, 1, 1, topic_configs={"retention.ms": "-1",
+                                                  "retention.bytes": "1048576"}),
+             NewTopic(compacted, 1, 1, topic_configs={"retention.ms": "-1",
+                                                      "cleanup.policy": "compact,delete"})],
             wait_for_metadata=True,
         )  # fmt: skip
         with caplog.at_level(logging.INFO, logger="streamer.kafka_io"):
             kafka_io.prepare_topics(k, [created], (created, horizon))
-            assert kafka_io.topic_retention_ms(admin, created) == (
-                kafka_io.feedback_retention_ms(horizon)
+            assert kafka_io.topic_retention(admin, created) == kafka_io.Retention(
+                kafka_io.feedback_retention_ms(horizon), -1, "delete"
             )
             caplog.clear()
             kafka_io.prepare_topics(k, [short], (short, horizon))
-            (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+            (warning,) = warnings()
             assert repr(short) in warning and "retention.ms=86400000" in warning
             caplog.clear()
             kafka_io.prepare_topics(k, [forever], (forever, horizon))
-            assert not [r for r in caplog.records if r.levelname == "WARNING"]
+            assert not warnings()
             assert "keeps labels forever" in caplog.text
-            # The broker's own default (no retention.ms set on the topic) is read too.
-            assert kafka_io.topic_retention_ms(admin, topics.input) is not None
+            caplog.clear()
+            kafka_io.prepare_topics(k, [sized], (sized, horizon))
+            (warning,) = warnings()
+            assert repr(sized) in warning and "retention.bytes=1048576" in warning
+            caplog.clear()
+            kafka_io.prepare_topics(k, [compacted], (compacted, horizon))
+            (warning,) = warnings()
+            assert repr(compacted) in warning and "cleanup.policy=compact,delete" in warning
+            # The broker's own defaults (nothing set on the topic) are read too.
+            defaults = kafka_io.topic_retention(admin, topics.input)
+            assert defaults is not None and defaults.retention_ms is not None
+            assert defaults.retention_bytes == -1 and defaults.cleanup_policy == "delete"
     finally:
-        admin.delete_topics([created, short, forever], raise_errors=False)
+        admin.delete_topics([created, short, forever, sized, compacted], raise_errors=False)
         admin.close()

@@ -62,6 +62,7 @@ def test_defaults_and_env_overrides() -> None:
         ({"smoothing": {"alpha": 0.1}}, r"unknown field `alpha` - at `\$\.smoothing`"),
         ({"smoothing": {"learn_in_cooldown": True}}, r"smoothing\.learn_in_cooldown needs"),
         ({"smoothing": 0.1}, r"\$\.smoothing"),
+        ({"state": {"max_entities": 0}}, r"state\.max_entities must be >= 1"),
         # Refused combinations name both sides.
         (
             {

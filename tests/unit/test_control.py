@@ -169,14 +169,36 @@ def test_a_repeated_label_is_a_duplicate_and_counts_once() -> None:
     assert x.tolist() == [[2.0, 0.5]]  # two of the four events, each once
 
 
-def _feedback_detector() -> Detector:
+def _feedback_detector(**sections: dict) -> Detector:
     """A Detector (not started) that reads a feedback topic, for its feedback path."""
     settings = from_mapping(
         {"profile": "orders", "model": {"bundle": "unused"},
          "kafka": {"input_topic": "in", "alert_topic": "a", "dead_letter_topic": "d"},
-         "control": {"feedback_topic": "fb"}}
+         "control": {"feedback_topic": "fb"}, **sections}
     )  # fmt: skip
     return Detector(settings)
+
+
+def test_the_label_store_keeps_state_max_entities_keys() -> None:
+    """The daemon's label store is bounded like its other per-entity state: by
+    state.max_entities, least recently labeled key evicted first."""
+    assert _feedback_detector()._control.labels.max_keys == 100_000  # type: ignore[union-attr]
+    d = _feedback_detector(state={"max_entities": 2})
+    assert d._control is not None and d._control.labels.max_keys == 2
+    d._control.labels.require(["shop"], 3600.0)
+
+    def label(shop: str) -> SimpleNamespace:
+        value = msgspec.json.encode(
+            {"type": "label", "key_field": "shop", "key": shop, "event_id": shop,
+             "event_time": 60, "anomaly": True}
+        )  # fmt: skip
+        return SimpleNamespace(topic="fb", partition=0, offset=0, key=None, value=value)
+
+    d._apply_control([label("a"), label("b"), label("c")])
+    labels = d._control.labels
+    assert (labels.keys, labels.evictions) == (2, 1)
+    assert labels.confirmed("shop", "a", [(0, 1)]) == [0]  # the oldest key went
+    assert labels.confirmed("shop", "c", [(0, 1)]) == [1]
 
 
 def test_the_feedback_path_counts_a_duplicate_label_apart() -> None:

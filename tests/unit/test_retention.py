@@ -82,3 +82,64 @@ def test_the_check_logs_and_never_raises(
     (record,) = caplog.records
     assert record.levelname == level and says in record.getMessage()
     assert "'fb'" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("retention", "named"),
+    [
+        (kafka_io.Retention(-1), []),
+        (kafka_io.Retention(-1, -1, "delete"), []),
+        (kafka_io.Retention(-1, None, None), []),  # the broker did not say: nothing to warn of
+        (kafka_io.Retention(-1, 1 << 30), ["retention.bytes=1073741824"]),
+        (kafka_io.Retention(-1, 0), ["retention.bytes=0"]),
+        (kafka_io.Retention(-1, -1, "compact"), ["cleanup.policy=compact"]),
+        (kafka_io.Retention(-1, -1, "compact,delete"), ["cleanup.policy=compact,delete"]),
+        (kafka_io.Retention(-1, -1, "delete, compact"), ["cleanup.policy=delete, compact"]),
+        (
+            kafka_io.Retention(7 * 86400_000, 1 << 20, "compact"),
+            ["retention.ms=604800000", "retention.bytes=1048576", "cleanup.policy=compact"],
+        ),
+    ],
+)
+def test_a_size_limit_or_compaction_is_named_too(
+    retention: kafka_io.Retention, named: list[str]
+) -> None:
+    """Labels younger than the horizon are lost by size (retention.bytes) or by compaction
+    (only each key's last message stays) as surely as by a short retention.ms."""
+    warnings = kafka_io.retention_warnings("fb", retention, 37 * DAY + HOUR)
+    assert len(warnings) == len(named)
+    for warning, name in zip(warnings, named, strict=True):
+        assert "'fb'" in warning and name in warning
+    for warning in warnings:  # each says what to set
+        if "retention.bytes=" in warning:
+            assert warning.endswith("set its retention.bytes to -1")
+        if "cleanup.policy=" in warning:
+            assert warning.endswith("set its cleanup.policy to delete")
+
+
+def test_the_topic_is_created_kept_by_time_alone() -> None:
+    """Whatever the broker's defaults, the feedback topic the daemon creates is neither
+    limited by size nor compacted, and the check finds nothing to say about it."""
+    assert kafka_io.FEEDBACK_TOPIC_CONFIG == {"retention.bytes": "-1", "cleanup.policy": "delete"}
+    horizon = 37 * DAY + HOUR
+    created = kafka_io.Retention(kafka_io.feedback_retention_ms(horizon), -1, "delete")
+    assert kafka_io.retention_warnings("t", created, horizon) == []
+
+
+def test_the_check_logs_one_warning_per_way_labels_are_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    described = {
+        "topic": {
+            "fb": {
+                "retention.ms": {"value": "-1"},
+                "retention.bytes": {"value": "1048576"},
+                "cleanup.policy": {"value": "compact"},
+            }
+        }
+    }
+    with caplog.at_level(logging.INFO, logger="streamer.kafka_io"):
+        kafka_io.check_retention(FakeAdmin(described), "fb", 37 * DAY + HOUR)  # type: ignore[arg-type]
+    assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
+    assert "retention.bytes=1048576" in caplog.records[0].getMessage()
+    assert "cleanup.policy=compact" in caplog.records[1].getMessage()
