@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from streamer import kafka_io
+from streamer import kafka_io, retention
 from streamer.config import KafkaSettings, TrainingSettings
 from streamer.features import FeatureSpec, LabelRate, Log1p
 from tests.integration.conftest import Daemon, Topics, produce, read_topic, write_config
@@ -169,8 +169,8 @@ def test_the_feedback_topic_keeps_labels_as_long_as_they_matter(
         )  # fmt: skip
         with caplog.at_level(logging.INFO, logger="streamer.kafka_io"):
             kafka_io.prepare_topics(k, [created], (created, horizon))
-            assert kafka_io.topic_retention(admin, created) == kafka_io.Retention(
-                kafka_io.feedback_retention_ms(horizon), -1, "delete"
+            assert kafka_io.topic_retention(admin, created) == retention.Retention(
+                retention.feedback_retention_ms(horizon), -1, "delete"
             )
             caplog.clear()
             kafka_io.prepare_topics(k, [short], (short, horizon))

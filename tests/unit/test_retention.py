@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from kafka.errors import KafkaConnectionError
 
-from streamer import kafka_io
+from streamer import kafka_io, retention
 from streamer.features import FeatureSpec, LabelRate, Log1p
 
 DAY, HOUR = 86400.0, 3600.0
@@ -35,11 +35,11 @@ def test_the_horizon_is_the_longest_delay_plus_window_of_any_label_column() -> N
         (7 * 86400_000, True),  # the broker's usual default
         (37 * 86400_000, True),  # the windows, without the hour a rounded window adds
         (int((37 * DAY + HOUR) * 1000), False),  # exactly the horizon
-        (kafka_io.feedback_retention_ms(37 * DAY + HOUR), False),  # what the daemon creates
+        (retention.feedback_retention_ms(37 * DAY + HOUR), False),  # what the daemon creates
     ],
 )
 def test_a_retention_shorter_than_the_horizon_is_named(retention_ms: int, warned: bool) -> None:
-    warning = kafka_io.retention_warning("alert-feedback", retention_ms, 37 * DAY + HOUR)
+    warning = retention.retention_warning("alert-feedback", retention_ms, 37 * DAY + HOUR)
     assert (warning is not None) is warned
     if warning:
         assert "'alert-feedback'" in warning and f"retention.ms={retention_ms}" in warning
@@ -48,9 +48,9 @@ def test_a_retention_shorter_than_the_horizon_is_named(retention_ms: int, warned
 
 def test_the_topic_is_created_with_the_horizon_and_a_margin() -> None:
     horizon = 37 * DAY + HOUR
-    created = kafka_io.feedback_retention_ms(horizon)
-    assert created == (horizon + kafka_io.RETENTION_MARGIN_SECONDS) * 1000
-    assert kafka_io.retention_warning("t", created, horizon) is None
+    created = retention.feedback_retention_ms(horizon)
+    assert created == (horizon + retention.RETENTION_MARGIN_SECONDS) * 1000
+    assert retention.retention_warning("t", created, horizon) is None
 
 
 class FakeAdmin:
@@ -85,28 +85,28 @@ def test_the_check_logs_and_never_raises(
 
 
 @pytest.mark.parametrize(
-    ("retention", "named"),
+    ("settings", "named"),
     [
-        (kafka_io.Retention(-1), []),
-        (kafka_io.Retention(-1, -1, "delete"), []),
-        (kafka_io.Retention(-1, None, None), []),  # the broker did not say: nothing to warn of
-        (kafka_io.Retention(-1, 1 << 30), ["retention.bytes=1073741824"]),
-        (kafka_io.Retention(-1, 0), ["retention.bytes=0"]),
-        (kafka_io.Retention(-1, -1, "compact"), ["cleanup.policy=compact"]),
-        (kafka_io.Retention(-1, -1, "compact,delete"), ["cleanup.policy=compact,delete"]),
-        (kafka_io.Retention(-1, -1, "delete, compact"), ["cleanup.policy=delete, compact"]),
+        (retention.Retention(-1), []),
+        (retention.Retention(-1, -1, "delete"), []),
+        (retention.Retention(-1, None, None), []),  # the broker did not say: nothing to warn of
+        (retention.Retention(-1, 1 << 30), ["retention.bytes=1073741824"]),
+        (retention.Retention(-1, 0), ["retention.bytes=0"]),
+        (retention.Retention(-1, -1, "compact"), ["cleanup.policy=compact"]),
+        (retention.Retention(-1, -1, "compact,delete"), ["cleanup.policy=compact,delete"]),
+        (retention.Retention(-1, -1, "delete, compact"), ["cleanup.policy=delete, compact"]),
         (
-            kafka_io.Retention(7 * 86400_000, 1 << 20, "compact"),
+            retention.Retention(7 * 86400_000, 1 << 20, "compact"),
             ["retention.ms=604800000", "retention.bytes=1048576", "cleanup.policy=compact"],
         ),
     ],
 )
 def test_a_size_limit_or_compaction_is_named_too(
-    retention: kafka_io.Retention, named: list[str]
+    settings: retention.Retention, named: list[str]
 ) -> None:
     """Labels younger than the horizon are lost by size (retention.bytes) or by compaction
     (only each key's last message stays) as surely as by a short retention.ms."""
-    warnings = kafka_io.retention_warnings("fb", retention, 37 * DAY + HOUR)
+    warnings = retention.retention_warnings("fb", settings, 37 * DAY + HOUR)
     assert len(warnings) == len(named)
     for warning, name in zip(warnings, named, strict=True):
         assert "'fb'" in warning and name in warning
@@ -120,10 +120,10 @@ def test_a_size_limit_or_compaction_is_named_too(
 def test_the_topic_is_created_kept_by_time_alone() -> None:
     """Whatever the broker's defaults, the feedback topic the daemon creates is neither
     limited by size nor compacted, and the check finds nothing to say about it."""
-    assert kafka_io.FEEDBACK_TOPIC_CONFIG == {"retention.bytes": "-1", "cleanup.policy": "delete"}
+    assert retention.FEEDBACK_TOPIC_CONFIG == {"retention.bytes": "-1", "cleanup.policy": "delete"}
     horizon = 37 * DAY + HOUR
-    created = kafka_io.Retention(kafka_io.feedback_retention_ms(horizon), -1, "delete")
-    assert kafka_io.retention_warnings("t", created, horizon) == []
+    created = retention.Retention(retention.feedback_retention_ms(horizon), -1, "delete")
+    assert retention.retention_warnings("t", created, horizon) == []
 
 
 def test_the_check_logs_one_warning_per_way_labels_are_lost(
