@@ -1,5 +1,6 @@
 """One contract, every scorer: the same checks run on each model kind and runtime a bundle can
-be served by (dense rows and LSTM windows; numpy and TensorFlow)."""
+be served by (dense rows, LSTM windows and flattened windows of a dense model; numpy and
+TensorFlow)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from streamer.windows import sliding_windows
 from training.simulate import simulate
 
 RUNTIMES = ["numpy", "tensorflow"]
-MODELS = ["dense", "lstm"]
+MODELS = ["dense", "lstm", "dense_window"]
+WINDOWED = {"lstm": "sensors_lstm_bundle", "dense_window": "sensors_dense_window_bundle"}
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,12 @@ def temperature_flaps(windows: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module", params=MODELS)
 def case(request: pytest.FixtureRequest) -> Case:
-    # getfixturevalue: `-k dense` never trains the LSTM bundle, and the reverse.
+    # getfixturevalue: `-k lstm` never trains the dense bundles, and the reverse.
     if request.param == "dense":
         bundle = request.getfixturevalue("orders_bundle")
         rows = bundle.scaler.transform(build_features(ORDERS, clean_events(ORDERS, "orders", 3000)))
         return Case(bundle, rows, amount_spike)
-    bundle = request.getfixturevalue("sensors_lstm_bundle")
+    bundle = request.getfixturevalue(WINDOWED[request.param])
     events = clean_events(SENSORS, "sensors", 3000)
     rows = bundle.scaler.transform(build_features(SENSORS, events))
     windows, _ = sliding_windows([e.sensor_id for e in events], rows, bundle.window_length)
