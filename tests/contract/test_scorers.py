@@ -18,7 +18,7 @@ import pytest
 
 from streamer import bundle as bundles
 from streamer.features import FeatureSpec, build_features
-from streamer.lean import NumpyLSTMScorer
+from streamer.lean import NumpyDenseWindowScorer, NumpyLSTMScorer
 from streamer.profiles import ORDERS, SENSORS
 from streamer.scoring import Scorer, reconstruction_errors
 from streamer.windows import sliding_windows
@@ -213,5 +213,31 @@ def test_lstm_scorer_refuses_windows_of_another_shape(sensors_lstm_bundle: bundl
     scorer = sensors_lstm_bundle.load_scorer("numpy")
     d = scorer.n_features
     for bad in (np.zeros((2, d)), np.zeros((2, 9, d)), np.zeros((2, 10, d + 1))):
+        with pytest.raises(ValueError, match=rf"are not \(n, 10, {d}\)"):
+            scorer.reconstruct(bad)
+
+
+def test_dense_window_export_refuses_what_numpy_cannot_run(
+    orders_bundle: bundles.Bundle, tmp_path: Path
+) -> None:
+    import keras
+
+    dense = keras.models.load_model(orders_bundle.path / bundles.MODEL_FILE, compile=False)
+    with pytest.raises(ValueError, match=r"not Flatten, Dense\.\.\., Reshape"):
+        NumpyDenseWindowScorer.save_from_keras(dense, tmp_path / "w.npz")
+    inputs = keras.Input(shape=(5, 3))
+    hidden = keras.layers.Dense(4, activation="tanh")(keras.layers.Flatten()(inputs))
+    tanh = keras.Model(inputs, keras.layers.Reshape((5, 3))(keras.layers.Dense(15)(hidden)))
+    with pytest.raises(ValueError, match=r"activation 'tanh' is not one of"):
+        NumpyDenseWindowScorer.save_from_keras(tanh, tmp_path / "w.npz")
+    assert not (tmp_path / "w.npz").exists()
+
+
+def test_dense_window_scorer_refuses_windows_of_another_shape(
+    sensors_dense_window_bundle: bundles.Bundle,
+) -> None:
+    scorer = sensors_dense_window_bundle.load_scorer("numpy")
+    d = scorer.n_features
+    for bad in (np.zeros((2, 10 * d)), np.zeros((2, 9, d)), np.zeros((2, 10, d + 1))):
         with pytest.raises(ValueError, match=rf"are not \(n, 10, {d}\)"):
             scorer.reconstruct(bad)
