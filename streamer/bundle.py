@@ -4,6 +4,7 @@ A bundle is a directory:
 
     model.keras          the Keras autoencoder (loaded with safe_mode, never pickle)
     dense_weights.npz    a dense model's weights as plain arrays, for the numpy runtime
+    dense_window_weights.npz  the same for a dense model over windows
     lstm_weights.npz     an LSTM model's weights as plain arrays, for the numpy runtime
     parity.json          a few scaled rows (LSTM: windows) and Keras's reconstruction of
                          them: whatever runtime serves the bundle must reproduce them
@@ -15,8 +16,9 @@ A bundle is a directory:
     manifest.json        version, creation time, data summary, training metrics, file hashes
 
 The manifest's `model_kind` says which model the bundle holds: "dense" scores one event's
-scaled row, "lstm" the window of its entity's last `window_length` rows (manifest field;
-null for dense), built by streamer/windows.py at training and serving time alike. Only the
+scaled row, "lstm" and "dense_window" the window of its entity's last `window_length` rows
+(manifest field; null for dense), built by streamer/windows.py at training and serving time
+alike ("dense_window" flattens the window into one dense autoencoder's input). Only the
 weights file of the bundle's kind is written; the numpy runtime loads the one its kind needs.
 
 The version is a hash of the other files' contents, so two bundles with one version are the
@@ -47,14 +49,21 @@ THRESHOLD_FILE = "threshold.json"
 MANIFEST_FILE = "manifest.json"
 DENSE_WEIGHTS_FILE = "dense_weights.npz"
 LSTM_WEIGHTS_FILE = "lstm_weights.npz"
+DENSE_WINDOW_WEIGHTS_FILE = "dense_window_weights.npz"
 PARITY_FILE = "parity.json"
 DRIFT_FILE = "drift.json"
 CONTENT_FILES = (MODEL_FILE, SCALER_FILE, SPEC_FILE, THRESHOLD_FILE)
 # Hashed and verified when the manifest lists them (bundles written before them lack them,
 # and a bundle has only its own kind's weights file).
-OPTIONAL_FILES = (DENSE_WEIGHTS_FILE, LSTM_WEIGHTS_FILE, PARITY_FILE, DRIFT_FILE)
+OPTIONAL_FILES = (
+    DENSE_WEIGHTS_FILE, LSTM_WEIGHTS_FILE, DENSE_WINDOW_WEIGHTS_FILE, PARITY_FILE, DRIFT_FILE
+)  # fmt: skip
 # model_kind -> the weights file its numpy runtime loads.
-NUMPY_WEIGHTS = {"dense": DENSE_WEIGHTS_FILE, "lstm": LSTM_WEIGHTS_FILE}
+NUMPY_WEIGHTS = {
+    "dense": DENSE_WEIGHTS_FILE,
+    "lstm": LSTM_WEIGHTS_FILE,
+    "dense_window": DENSE_WINDOW_WEIGHTS_FILE,
+}
 PARITY_TOLERANCE = 1e-4
 CURRENT_FILE = "current"
 CANDIDATE_FILE = "candidate"  # a version shadow-scored beside `current` (streamer/shadow.py)
@@ -114,7 +123,7 @@ class Bundle:
         """The scorer for `runtime`: "numpy" (no TensorFlow import) or "tensorflow"."""
         loader: Callable[[Path], Any]
         if runtime == "numpy":
-            from streamer.lean import NumpyDenseScorer, NumpyLSTMScorer
+            from streamer.lean import NumpyDenseScorer, NumpyDenseWindowScorer, NumpyLSTMScorer
 
             weights = NUMPY_WEIGHTS.get(self.kind)
             if weights is None:
@@ -127,8 +136,12 @@ class Bundle:
                     f'{self.path}: model.runtime = "numpy" needs {weights}, which '
                     'this bundle lacks; retrain it, or set model.runtime = "tensorflow"'
                 )
-            numpy_loader = NumpyLSTMScorer.load if self.kind == "lstm" else NumpyDenseScorer.load
-            loader, file = numpy_loader, self.path / weights
+            loaders: dict[str, Callable[[Path], Any]] = {
+                "dense": NumpyDenseScorer.load,
+                "lstm": NumpyLSTMScorer.load,
+                "dense_window": NumpyDenseWindowScorer.load,
+            }
+            loader, file = loaders[self.kind], self.path / weights
         else:
             from streamer.scoring import KerasScorer
 

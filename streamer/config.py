@@ -280,6 +280,11 @@ class MetricsSettings(_Section, frozen=True):
             raise ValueError("metrics.port must be in [0, 65535]")
 
 
+MODEL_KINDS = ("dense", "lstm", "dense_window")
+# The kinds whose input is each entity's last `window_length` rows (streamer/windows.py).
+WINDOWED_KINDS = ("lstm", "dense_window")
+
+
 class TrainingSettings(_Section, frozen=True):
     hidden_units: list[int] = msgspec.field(default_factory=lambda: [32, 16])
     bottleneck: int = 4
@@ -291,7 +296,9 @@ class TrainingSettings(_Section, frozen=True):
     seed: int = 7
     # "dense": one event's features in, the same out. "lstm": an entity's last
     # `window_length` events in (training/models.py: build_lstm_autoencoder).
-    model: Literal["dense", "lstm"] = "dense"
+    # "dense_window": the same windows flattened into a dense autoencoder with hidden_units
+    # and bottleneck (build_dense_window_autoencoder).
+    model: Literal["dense", "lstm", "dense_window"] = "dense"
     window_length: int = 30
     # LSTM encoder sizes; the decoder mirrors them ([64, 32] -> 64-32-32-64).
     lstm_units: list[int] = msgspec.field(default_factory=lambda: [64, 32])
@@ -304,8 +311,11 @@ class TrainingSettings(_Section, frozen=True):
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("training.epochs and training.batch_size must be >= 1")
         # msgspec checks the Literal when decoding a config, not when built in Python.
-        if self.model not in ("dense", "lstm"):
-            raise ValueError(f'training.model must be "dense" or "lstm", not {self.model!r}')
+        if self.model not in MODEL_KINDS:
+            raise ValueError(
+                f"training.model must be one of {', '.join(map(repr, MODEL_KINDS))}, "
+                f"not {self.model!r}"
+            )
         if self.window_length < 2:
             raise ValueError("training.window_length must be >= 2")
         if not self.lstm_units or min(self.lstm_units) < 1:

@@ -2,8 +2,9 @@
 
 TensorFlow costs about 600 MB of RSS and 2.4 s of start-up before a single event is scored.
 A dense autoencoder is a few matrix products, and an LSTM autoencoder a few more per time
-step, so training also exports the weights as plain arrays (`dense_weights.npz` or
-`lstm_weights.npz`, loaded with `allow_pickle=False`) and the daemon scores with numpy.
+step, so training also exports the weights as plain arrays (`dense_weights.npz`,
+`dense_window_weights.npz` or `lstm_weights.npz`, loaded with `allow_pickle=False`) and the
+daemon scores with numpy.
 `tests/contract/test_scorers.py` checks both against Keras on the same inputs.
 
 >>> import numpy as np
@@ -61,30 +62,105 @@ class NumpyDenseScorer:
     @classmethod
     def load(cls, path: Path) -> NumpyDenseScorer:
         with np.load(path, allow_pickle=False) as data:
-            n = int(data["layers"])
-            activations = [str(a) for a in data["activations"]]
-            kernels = [data[f"kernel_{i}"] for i in range(n)]
-            biases = [data[f"bias_{i}"] for i in range(n)]
+            return cls._from_arrays(data)
+
+    @classmethod
+    def _from_arrays(cls, data: Any) -> NumpyDenseScorer:
+        n = int(data["layers"])
+        activations = [str(a) for a in data["activations"]]
+        kernels = [data[f"kernel_{i}"] for i in range(n)]
+        biases = [data[f"bias_{i}"] for i in range(n)]
         return cls(kernels, biases, activations)
 
     @staticmethod
     def save_from_keras(model: Any, path: Path) -> None:
         """Export a Keras model made only of Dense layers (training/models.py builds those)."""
-        arrays: dict[str, np.ndarray] = {}
-        activations: list[str] = []
-        for layer in model.layers:
-            if layer.__class__.__name__ == "InputLayer":
-                continue
-            if layer.__class__.__name__ != "Dense":
-                raise ValueError(f"layer {layer.name!r} is not Dense: no numpy export")
-            kernel, bias = layer.get_weights()
-            i = len(activations)
-            arrays[f"kernel_{i}"], arrays[f"bias_{i}"] = kernel, bias
-            activations.append(layer.activation.__name__)
-        arrays["layers"] = np.array(len(activations))
-        arrays["activations"] = np.array(activations)
-        with path.open("wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwargs
+        _save(path, _dense_arrays(model.layers))
+
+
+def _dense_arrays(layers: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Keras Dense layers (after an InputLayer) as the arrays NumpyDenseScorer loads."""
+    arrays: dict[str, np.ndarray] = {}
+    activations: list[str] = []
+    for layer in layers:
+        if layer.__class__.__name__ == "InputLayer":
+            continue
+        if layer.__class__.__name__ != "Dense":
+            raise ValueError(f"layer {layer.name!r} is not Dense: no numpy export")
+        kernel, bias = layer.get_weights()
+        i = len(activations)
+        arrays[f"kernel_{i}"], arrays[f"bias_{i}"] = kernel, bias
+        activations.append(layer.activation.__name__)
+    arrays["layers"] = np.array(len(activations))
+    arrays["activations"] = np.array(activations)
+    return arrays
+
+
+def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with path.open("wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwargs
+
+
+class NumpyDenseWindowScorer:
+    """A dense autoencoder over windows (n, window_length, d) flattened to window_length * d
+    values, its output reshaped back: training/models.py's build_dense_window_autoencoder.
+
+    >>> import numpy as np
+    >>> dense = NumpyDenseScorer([np.eye(4, dtype=np.float32)], [np.zeros(4, np.float32)],
+    ...                          ["linear"])
+    >>> scorer = NumpyDenseWindowScorer(2, dense)
+    >>> scorer.n_features, scorer.window_length
+    (2, 2)
+    >>> scorer.reconstruct(np.array([[[1.0, 2.0], [3.0, 4.0]]], np.float32)).tolist()
+    [[[1.0, 2.0], [3.0, 4.0]]]
+    """
+
+    kind = "dense_window"
+
+    def __init__(self, window_length: int, dense: NumpyDenseScorer) -> None:
+        width = dense.n_features
+        if window_length < 1 or width % window_length:
+            raise ValueError(
+                f"a dense layer stack of {width} inputs does not take windows of "
+                f"{window_length} rows"
+            )
+        out = dense._layers[-1][0].shape[1]
+        if out != width:
+            raise ValueError(f"the last layer gives {out} values, not the window's {width}")
+        self.window_length: int | None = window_length  # the Scorer protocol's type
+        self.n_features = width // window_length
+        self._steps = window_length
+        self._dense = dense
+
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        """(n, window_length, d) float32 scaled windows -> their reconstruction, same shape."""
+        x = np.asarray(x, dtype=np.float32)
+        steps, d = self._steps, self.n_features
+        if x.ndim != 3 or x.shape[1:] != (steps, d):
+            raise ValueError(f"windows {x.shape} are not (n, {steps}, {d})")
+        flat = self._dense.reconstruct(x.reshape(x.shape[0], steps * d))
+        return flat.reshape(x.shape)
+
+    @classmethod
+    def load(cls, path: Path) -> NumpyDenseWindowScorer:
+        with np.load(path, allow_pickle=False) as data:
+            return cls(int(data["window_length"]), NumpyDenseScorer._from_arrays(data))
+
+    @staticmethod
+    def save_from_keras(model: Any, path: Path) -> None:
+        """Export Flatten, Dense layers, Reshape (what the builder makes); refuse the rest."""
+        layers = [layer for layer in model.layers if layer.__class__.__name__ != "InputLayer"]
+        names = [layer.__class__.__name__ for layer in layers]
+        if len(names) < 3 or names[0] != "Flatten" or names[-1] != "Reshape":
+            raise ValueError(f"layers {names}: not Flatten, Dense..., Reshape; no numpy export")
+        shape = tuple(model.inputs[0].shape)
+        if len(shape) != 3 or shape[1] is None or tuple(layers[-1].target_shape) != shape[1:]:
+            raise ValueError(f"model input {shape} is not (batch, window_length, features)")
+        arrays = _dense_arrays(layers[1:-1])
+        arrays["window_length"] = np.array(int(shape[1]))
+        # Build the scorer once: a model the numpy pass cannot run is refused here, at export.
+        NumpyDenseWindowScorer(int(shape[1]), NumpyDenseScorer._from_arrays(arrays))
+        _save(path, arrays)
 
 
 @dataclass(frozen=True)
@@ -287,8 +363,7 @@ class NumpyLSTMScorer:
         arrays["window_length"] = np.array(int(shape[1]))
         # Build the scorer once: a model the numpy pass cannot run is refused here, at export.
         NumpyLSTMScorer._from_arrays(arrays)
-        with path.open("wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwargs
+        _save(path, arrays)
 
 
 def _gates(w: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """One micro-batch in, alerts and dead letters out. No I/O: the app does Kafka around it.
 
-With a windowed (LSTM) model an event is scored by the window of its entity's last
+With a windowed model (lstm, dense_window) an event is scored by the window of its entity's last
 `window_length` rows that it completes; an event whose entity has fewer rows so far is held
 back (counted, not scored, its offset committed like any other) until the window fills.
 """

@@ -2,7 +2,7 @@
 
 Three kinds of keyed state, each present only when the bundle or config needs it:
 - `aggregates`: rolling per-entity statistics behind Rolling / SincePrevious features;
-- `windows`: the last `window_length` scaled rows of each entity, for a windowed (LSTM) model;
+- `windows`: the last `window_length` scaled rows of each entity, for a windowed model;
 - `thresholds`: a rolling quantile per entity (`threshold.per_entity`), or with `[smoothing]`
   a SmoothedThreshold per entity (streamer/entity_smoothing.py);
 - `incidents`: each entity's current run of alerts (`incidents.enabled`).

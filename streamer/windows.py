@@ -1,4 +1,4 @@
-"""Per-entity windows of the last `length` feature rows: the input of a windowed (LSTM) model.
+"""Per-entity windows of the last `length` feature rows, the input of lstm and dense_window models.
 
 Training (`sliding_windows` over the whole history) and the daemon (one `WindowBuilder.add`
 per batch) build windows with this one function, so a model is served the windows it was

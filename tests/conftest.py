@@ -159,6 +159,33 @@ def sensors_lstm_bundle(sensors_lstm_registry: Path) -> bundles.Bundle:
     return bundles.load(sensors_lstm_registry, expected_spec=SENSORS)
 
 
+@pytest.fixture(scope="session")
+def sensors_dense_window_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small dense autoencoder over flattened windows of the LSTM's readings (~5 s)."""
+    root = tmp_path_factory.mktemp("sensors-dense-window-model")
+    events = root / "train.jsonl"
+    write_events(events, "sensors", count=4000, seed=101, anomaly_rate=0.0)
+    history = read_jsonl(SENSORS, events)
+    settings = TrainingSettings(
+        model="dense_window",
+        window_length=10,
+        hidden_units=[32],
+        bottleneck=8,
+        epochs=20,
+        patience=3,
+        batch_size=64,
+        learning_rate=5e-3,
+        seed=7,
+    )
+    fit_bundle(SENSORS, history, settings, root / "registry", source=events.name)
+    return root / "registry"
+
+
+@pytest.fixture(scope="session")
+def sensors_dense_window_bundle(sensors_dense_window_registry: Path) -> bundles.Bundle:
+    return bundles.load(sensors_dense_window_registry, expected_spec=SENSORS)
+
+
 def write_events(
     path: Path, profile: str, count: int, seed: int, anomaly_rate: float
 ) -> dict[str, str]:

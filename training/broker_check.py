@@ -17,11 +17,11 @@ filling a batch from a pre-filled topic, so it cuts at the same rows (the last, 
 batch goes out when the wait ends); the check verifies that from the daemon's metrics (every
 batch before the last one full) rather than assuming it: `cuts_checked_series`.
 
-Refused (exit 2, naming why): pipelines with per-entity history (aggregate features, LSTM
-windows, per-entity thresholds) or delivered labels. The in-process replay rebuilds that
-state from the training rows; a daemon on a topic holding only the test part would start
-empty, so the two would compare different things. Replays with retraining too: the daemon
-run serves one bundle throughout.
+Refused (exit 2, naming why): pipelines with per-entity history (aggregate features, windows
+of an LSTM or dense_window model, per-entity thresholds) or delivered labels. The in-process
+replay rebuilds that state from the training rows; a daemon on a topic holding only the test
+part would start empty, so the two would compare different things. Replays with retraining
+too: the daemon run serves one bundle throughout.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import msgspec
 import numpy as np
 
 from streamer import config as config_mod
-from streamer.config import BatchSettings, MetricsSettings, Settings
+from streamer.config import WINDOWED_KINDS, BatchSettings, MetricsSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,11 @@ def refusal(config: Any) -> str | None:
             "aggregate features (rolling, since_previous) are per-entity history, rebuilt "
             "from the training rows in-process"
         )
-    if config.training.model == "lstm":
-        return "LSTM windows are per-entity history, rebuilt from the training rows in-process"
+    if config.training.model in WINDOWED_KINDS:
+        return (
+            f"training.model = {config.training.model!r} scores windows, per-entity history "
+            "rebuilt from the training rows in-process"
+        )
     if det.threshold.per_entity:
         return f"detector {det.name!r} has threshold.per_entity: per-entity history"
     if config.replay.retrain_every_rows is not None:

@@ -18,12 +18,16 @@ from streamer import bundle as bundles
 from streamer.config import TrainingSettings
 from streamer.drift import build_reference
 from streamer.features import FeatureSpec
-from streamer.lean import NumpyDenseScorer, NumpyLSTMScorer
+from streamer.lean import NumpyDenseScorer, NumpyDenseWindowScorer, NumpyLSTMScorer
 from streamer.scaler import StandardScaler
 from streamer.scoring import reconstruction_errors
 from streamer.windows import sliding_windows
 from training.datasets import History
-from training.models import build_dense_autoencoder, build_lstm_autoencoder
+from training.models import (
+    build_dense_autoencoder,
+    build_dense_window_autoencoder,
+    build_lstm_autoencoder,
+)
 
 log = logging.getLogger(__name__)
 WARM_START_QUANTILES = (0.5, 0.9, 0.99, 0.995, 0.999)
@@ -54,7 +58,8 @@ def fit_bundle(
     (or, with `candidate`, `<registry>/candidate`: the daemon shadow-scores it first).
 
     `training.model` picks the model: "dense" scores one event's row, "lstm" the window of
-    its entity's last `training.window_length` rows (needs `history.keys`). Each epoch is
+    its entity's last `training.window_length` rows (needs `history.keys`), "dense_window"
+    the same window flattened into a dense autoencoder. Each epoch is
     logged at INFO whatever `verbose` (Keras's own progress). `report` also writes
     `report.html` (training/bundle_report.py) into the bundle, outside its hashed files.
     """
@@ -73,6 +78,21 @@ def fit_bundle(
         model = build_lstm_autoencoder(
             len(names), window_length, training.lstm_units, training.learning_rate
         )
+        parity_size = 8
+    elif training.model == "dense_window":
+        window_length = training.window_length
+        width = window_length * len(names)
+        if training.bottleneck >= width:
+            # A bottleneck as wide as the window lets the model learn to copy its input.
+            raise ValueError(
+                f"training.bottleneck = {training.bottleneck} must be below the window's "
+                f"{width} values (window_length {window_length} x {len(names)} features)"
+            )
+        split = _window_split(spec, history, training, source)
+        model = build_dense_window_autoencoder(
+            len(names), window_length, training.hidden_units, training.bottleneck,
+            training.learning_rate,
+        )  # fmt: skip
         parity_size = 8
     else:
         split = _dense_split(spec, history, training)
@@ -116,6 +136,8 @@ def fit_bundle(
         weights = staging / bundles.NUMPY_WEIGHTS[training.model]
         if training.model == "lstm":
             NumpyLSTMScorer.save_from_keras(model, weights)
+        elif training.model == "dense_window":
+            NumpyDenseWindowScorer.save_from_keras(model, weights)
         else:
             NumpyDenseScorer.save_from_keras(model, weights)
         sample = x_val[:parity_size]
@@ -206,7 +228,7 @@ def _window_split(
     n, length = history.features.shape[0], training.window_length
     if len(history.keys) != n:
         raise ValueError(
-            f"{source}: an LSTM model needs the entity key of every row "
+            f"{source}: a windowed ({training.model}) model needs the entity key of every row "
             f"({len(history.keys)} keys for {n} rows)"
         )
     # Which rows complete a window depends on the keys alone (zero features: no copies), so

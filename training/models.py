@@ -24,6 +24,38 @@ def build_dense_autoencoder(
     return model
 
 
+def build_dense_window_autoencoder(
+    n_features: int,
+    window_length: int,
+    hidden_units: list[int],
+    bottleneck: int,
+    learning_rate: float,
+) -> Any:
+    """The dense autoencoder of `build_dense_autoencoder` over a window flattened to
+    window_length * n_features values, its output reshaped back to (window_length, n_features).
+
+    Input and output are windows, as the LSTM's are, so the per-entity window machinery
+    (streamer/windows.py) serves it unchanged. With a bottleneck narrower than the window it
+    cannot copy its input; each value is rebuilt from its recent neighbours (level and shape).
+    The numpy runtime (streamer/lean.py: NumpyDenseWindowScorer) flattens and reshapes alike.
+    """
+    import keras
+
+    inputs = keras.Input(shape=(window_length, n_features), name="windows")
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    for i, units in enumerate(hidden_units):
+        x = keras.layers.Dense(units, activation="relu", name=f"encode_{i}")(x)
+    x = keras.layers.Dense(bottleneck, activation="relu", name="bottleneck")(x)
+    for i, units in enumerate(reversed(hidden_units)):
+        x = keras.layers.Dense(units, activation="relu", name=f"decode_{i}")(x)
+    width = window_length * n_features
+    x = keras.layers.Dense(width, activation="linear", name="reconstruction")(x)
+    outputs = keras.layers.Reshape((window_length, n_features), name="windows_out")(x)
+    model = keras.Model(inputs, outputs, name="dense_window_autoencoder")
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
+    return model
+
+
 def build_lstm_autoencoder(
     n_features: int, window_length: int, units: list[int], learning_rate: float
 ) -> Any:

@@ -1,5 +1,6 @@
 """One contract, every scorer: the same checks run on each model kind and runtime a bundle can
-be served by (dense rows and LSTM windows; numpy and TensorFlow)."""
+be served by (dense rows, LSTM windows and flattened windows of a dense model; numpy and
+TensorFlow)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ import pytest
 
 from streamer import bundle as bundles
 from streamer.features import FeatureSpec, build_features
-from streamer.lean import NumpyLSTMScorer
+from streamer.lean import NumpyDenseWindowScorer, NumpyLSTMScorer
 from streamer.profiles import ORDERS, SENSORS
 from streamer.scoring import Scorer, reconstruction_errors
 from streamer.windows import sliding_windows
 from training.simulate import simulate
 
 RUNTIMES = ["numpy", "tensorflow"]
-MODELS = ["dense", "lstm"]
+MODELS = ["dense", "lstm", "dense_window"]
+WINDOWED = {"lstm": "sensors_lstm_bundle", "dense_window": "sensors_dense_window_bundle"}
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,12 @@ def temperature_flaps(windows: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module", params=MODELS)
 def case(request: pytest.FixtureRequest) -> Case:
-    # getfixturevalue: `-k dense` never trains the LSTM bundle, and the reverse.
+    # getfixturevalue: `-k lstm` never trains the dense bundles, and the reverse.
     if request.param == "dense":
         bundle = request.getfixturevalue("orders_bundle")
         rows = bundle.scaler.transform(build_features(ORDERS, clean_events(ORDERS, "orders", 3000)))
         return Case(bundle, rows, amount_spike)
-    bundle = request.getfixturevalue("sensors_lstm_bundle")
+    bundle = request.getfixturevalue(WINDOWED[request.param])
     events = clean_events(SENSORS, "sensors", 3000)
     rows = bundle.scaler.transform(build_features(SENSORS, events))
     windows, _ = sliding_windows([e.sensor_id for e in events], rows, bundle.window_length)
@@ -211,5 +213,31 @@ def test_lstm_scorer_refuses_windows_of_another_shape(sensors_lstm_bundle: bundl
     scorer = sensors_lstm_bundle.load_scorer("numpy")
     d = scorer.n_features
     for bad in (np.zeros((2, d)), np.zeros((2, 9, d)), np.zeros((2, 10, d + 1))):
+        with pytest.raises(ValueError, match=rf"are not \(n, 10, {d}\)"):
+            scorer.reconstruct(bad)
+
+
+def test_dense_window_export_refuses_what_numpy_cannot_run(
+    orders_bundle: bundles.Bundle, tmp_path: Path
+) -> None:
+    import keras
+
+    dense = keras.models.load_model(orders_bundle.path / bundles.MODEL_FILE, compile=False)
+    with pytest.raises(ValueError, match=r"not Flatten, Dense\.\.\., Reshape"):
+        NumpyDenseWindowScorer.save_from_keras(dense, tmp_path / "w.npz")
+    inputs = keras.Input(shape=(5, 3))
+    hidden = keras.layers.Dense(4, activation="tanh")(keras.layers.Flatten()(inputs))
+    tanh = keras.Model(inputs, keras.layers.Reshape((5, 3))(keras.layers.Dense(15)(hidden)))
+    with pytest.raises(ValueError, match=r"activation 'tanh' is not one of"):
+        NumpyDenseWindowScorer.save_from_keras(tanh, tmp_path / "w.npz")
+    assert not (tmp_path / "w.npz").exists()
+
+
+def test_dense_window_scorer_refuses_windows_of_another_shape(
+    sensors_dense_window_bundle: bundles.Bundle,
+) -> None:
+    scorer = sensors_dense_window_bundle.load_scorer("numpy")
+    d = scorer.n_features
+    for bad in (np.zeros((2, 10 * d)), np.zeros((2, 9, d)), np.zeros((2, 10, d + 1))):
         with pytest.raises(ValueError, match=rf"are not \(n, 10, {d}\)"):
             scorer.reconstruct(bad)

@@ -39,7 +39,8 @@ def test_daemon_config_loads_back_as_the_evaluators_settings(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("extra", "why"),
     [
-        ('[training]\nmodel = "lstm"\n', "LSTM"),
+        ('[training]\nmodel = "lstm"\n', "training.model = 'lstm'"),
+        ('[training]\nmodel = "dense_window"\n', "training.model = 'dense_window'"),
         ("threshold = { per_entity = true }\n", "per_entity"),
         ("[replay]\nlabel_delay_seconds = 5.0\n", "labels"),
         ("[replay]\nretrain_every_rows = 10\n", "retrain"),

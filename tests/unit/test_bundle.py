@@ -56,6 +56,53 @@ def test_lstm_bundle_contents(sensors_lstm_registry: Path) -> None:
     assert np.array(parity.inputs).shape == (8, 10, len(SENSORS.feature_names()))
 
 
+def test_dense_window_bundle_contents(sensors_dense_window_registry: Path) -> None:
+    b = bundles.load(sensors_dense_window_registry, expected_spec=SENSORS)
+    assert b.kind == "dense_window" and b.window_length == 10
+    assert set(b.manifest.files) == {
+        *bundles.CONTENT_FILES,
+        bundles.DENSE_WINDOW_WEIGHTS_FILE,
+        bundles.PARITY_FILE,
+        bundles.DRIFT_FILE,
+    }
+    windows = b.manifest.data["windows"]  # the LSTM's split: the same windows, held out alike
+    assert windows["train"] + windows["validation"] == 4000 - 20 * 9
+    assert b.warm_start.size == windows["validation"]
+    d = len(SENSORS.feature_names())
+    parity = msgspec.json.decode((b.path / bundles.PARITY_FILE).read_bytes(), type=bundles.Parity)
+    assert np.array(parity.inputs).shape == np.array(parity.reconstructed).shape == (8, 10, d)
+    for runtime in ("numpy", "tensorflow"):
+        scorer = b.load_scorer(runtime)
+        assert (scorer.kind, scorer.window_length, scorer.n_features) == ("dense_window", 10, d)
+
+
+def test_dense_window_autoencoder_shapes() -> None:
+    from training.models import build_dense_window_autoencoder
+
+    model = build_dense_window_autoencoder(3, 8, [16], 2, 1e-3)
+    assert tuple(model.inputs[0].shape) == (None, 8, 3)
+    assert tuple(model.outputs[0].shape) == (None, 8, 3)
+    widths = [layer.units for layer in model.layers if layer.__class__.__name__ == "Dense"]
+    assert widths == [16, 2, 16, 24]  # mirror image around the bottleneck, then 8 x 3 values
+    assert model.predict(np.zeros((4, 8, 3), np.float32), verbose=0).shape == (4, 8, 3)
+
+
+def test_dense_window_training_refuses_a_bottleneck_as_wide_as_the_window(
+    tmp_path: Path,
+) -> None:
+    x = np.random.default_rng(0).normal(size=(400, len(SENSORS.feature_names())))
+    history = History(x, np.arange(400.0), 0, [f"s-{i % 4}" for i in range(400)])
+    settings = TrainingSettings(model="dense_window", window_length=2, bottleneck=10, epochs=1)
+    with pytest.raises(ValueError, match=r"training\.bottleneck = 10 must be below .* 10 values"):
+        fit_bundle(SENSORS, history, settings, tmp_path / "registry", source="wide")
+    with pytest.raises(ValueError, match="needs the entity key of every row"):
+        fit_bundle(
+            SENSORS, History(x, np.arange(400.0), 0), TrainingSettings(model="dense_window"),
+            tmp_path / "registry", source="x",
+        )  # fmt: skip
+    assert not (tmp_path / "registry").exists()
+
+
 def test_manifest_written_before_window_length_still_loads(
     orders_bundle: bundles.Bundle, tmp_path: Path
 ) -> None:

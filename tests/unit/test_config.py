@@ -63,6 +63,15 @@ def test_defaults_and_env_overrides() -> None:
         ({"smoothing": {"learn_in_cooldown": True}}, r"smoothing\.learn_in_cooldown needs"),
         ({"smoothing": 0.1}, r"\$\.smoothing"),
         ({"state": {"max_entities": 0}}, r"state\.max_entities must be >= 1"),
+        ({"training": {"model": "gru"}}, r"'gru' - at `\$\.training\.model`"),
+        (
+            {"training": {"model": "dense_window", "window_length": 1}},
+            r"training\.window_length must be >= 2",
+        ),
+        (
+            {"training": {"model": "dense_window", "bottleneck": 0}},
+            r"training\.hidden_units and training\.bottleneck must be >= 1",
+        ),
         # Refused combinations name both sides.
         (
             {
@@ -87,6 +96,15 @@ def test_defaults_and_env_overrides() -> None:
 def test_errors_name_the_field(patch: dict, named: str) -> None:
     with pytest.raises(config.ConfigError, match=named):
         config.from_mapping({**MINIMAL, **patch}, {})
+
+
+def test_training_model_is_checked_when_built_in_python() -> None:
+    # msgspec checks the Literal only when decoding; a TrainingSettings built in code is
+    # checked by its own __post_init__, which names every kind.
+    with pytest.raises(ValueError, match="'dense', 'lstm', 'dense_window', not 'gru'"):
+        config.TrainingSettings(model="gru")  # type: ignore[arg-type]
+    windowed = config.TrainingSettings(model="dense_window", window_length=8)
+    assert windowed.model in config.WINDOWED_KINDS
 
 
 def test_smoothing_is_off_by_default_and_reads_every_field() -> None:
