@@ -35,7 +35,7 @@ SENSOR_COUNT = 20  # the simulator's fleet
 
 @pytest.fixture(scope="module")
 def sensor_registries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A dense and an LSTM bundle trained on the same clean sensor history."""
+    """A dense, an LSTM and a dense-window bundle trained on the same clean sensor history."""
     root = tmp_path_factory.mktemp("sensor-models")
     events = root / "train.jsonl"
     write_events(events, "sensors", count=16_000, seed=201, anomaly_rate=0.0)
@@ -44,6 +44,9 @@ def sensor_registries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
         "dense": TrainingSettings(hidden_units=[16], bottleneck=3, epochs=25, patience=3),
         "lstm": TrainingSettings(
             model="lstm", window_length=WINDOW, lstm_units=[16, 8], epochs=15, patience=3
+        ),
+        "dense_window": TrainingSettings(
+            model="dense_window", window_length=WINDOW, hidden_units=[32], bottleneck=4
         ),
     }
     for kind, training in settings.items():
@@ -84,7 +87,7 @@ def wait_consumed(daemon: Daemon, count: int) -> None:
     daemon.wait_metric("anomaly_events_consumed_total", count, timeout=180)
 
 
-def test_lstm_catches_collective_anomalies_the_dense_model_misses(
+def test_windowed_models_catch_collective_anomalies_the_dense_model_misses(
     kafka_bootstrap: str,
     topics: Topics,
     unique: Callable[[str], str],
@@ -96,7 +99,7 @@ def test_lstm_catches_collective_anomalies_the_dense_model_misses(
     values, keys, anomalies = sensor_stream(12_000, seed=202, rate=0.002, kinds=("oscillation",))
     assert len(anomalies) >= 100
     produce(kafka_bootstrap, topics.input, values, keys)
-    outputs = {kind: variant(topics, unique, kind) for kind in ("dense", "lstm")}
+    outputs = {kind: variant(topics, unique, kind) for kind in ("dense", "lstm", "dense_window")}
     daemons = {
         kind: start_daemon(topics=out, registry=sensor_registries[kind], profile="sensors")
         for kind, out in outputs.items()
@@ -108,11 +111,12 @@ def test_lstm_catches_collective_anomalies_the_dense_model_misses(
         assert daemon.stop() == 0
         alerted = alerts_by_event(kafka_bootstrap, outputs[kind].alerts)
         recall[kind] = len(alerted.keys() & anomalies.keys()) / len(anomalies)
-        if kind == "lstm":
+        if kind != "dense":
             # Each sensor's first WINDOW - 1 readings wait for its window to fill.
             assert held_back == SENSOR_COUNT * (WINDOW - 1)
     print(f"oscillation recall: {recall}")
     assert recall["lstm"] >= 0.7, recall
+    assert recall["dense_window"] >= 0.7, recall  # a dense model over the same windows
     assert recall["dense"] <= 0.3, recall
 
 
