@@ -133,13 +133,21 @@ def orders_bundle(orders_registry: Path) -> bundles.Bundle:
     return bundles.load(orders_registry, expected_spec=ORDERS)
 
 
-@pytest.fixture(scope="session")
-def sensors_lstm_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small LSTM bundle over windows of clean simulated sensor readings (~10 s to train)."""
-    root = tmp_path_factory.mktemp("sensors-lstm-model")
+def _sensor_registry(
+    tmp_path_factory: pytest.TempPathFactory, name: str, settings: TrainingSettings
+) -> Path:
+    """A windowed bundle trained on 4,000 clean simulated sensor readings."""
+    root = tmp_path_factory.mktemp(name)
     events = root / "train.jsonl"
     write_events(events, "sensors", count=4000, seed=101, anomaly_rate=0.0)
     history = read_jsonl(SENSORS, events)
+    fit_bundle(SENSORS, history, settings, root / "registry", source=events.name)
+    return root / "registry"
+
+
+@pytest.fixture(scope="session")
+def sensors_lstm_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small LSTM bundle over windows of clean simulated sensor readings (~10 s to train)."""
     settings = TrainingSettings(
         model="lstm",
         window_length=10,
@@ -150,8 +158,7 @@ def sensors_lstm_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
         learning_rate=5e-3,
         seed=7,
     )
-    fit_bundle(SENSORS, history, settings, root / "registry", source=events.name)
-    return root / "registry"
+    return _sensor_registry(tmp_path_factory, "sensors-lstm-model", settings)
 
 
 @pytest.fixture(scope="session")
@@ -162,10 +169,6 @@ def sensors_lstm_bundle(sensors_lstm_registry: Path) -> bundles.Bundle:
 @pytest.fixture(scope="session")
 def sensors_dense_window_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small dense autoencoder over flattened windows of the LSTM's readings (~5 s)."""
-    root = tmp_path_factory.mktemp("sensors-dense-window-model")
-    events = root / "train.jsonl"
-    write_events(events, "sensors", count=4000, seed=101, anomaly_rate=0.0)
-    history = read_jsonl(SENSORS, events)
     settings = TrainingSettings(
         model="dense_window",
         window_length=10,
@@ -177,8 +180,7 @@ def sensors_dense_window_registry(tmp_path_factory: pytest.TempPathFactory) -> P
         learning_rate=5e-3,
         seed=7,
     )
-    fit_bundle(SENSORS, history, settings, root / "registry", source=events.name)
-    return root / "registry"
+    return _sensor_registry(tmp_path_factory, "sensors-dense-window-model", settings)
 
 
 @pytest.fixture(scope="session")

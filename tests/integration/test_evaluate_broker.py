@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from tests.unit.test_evaluate import _to_toml, sensor_csvs
+from tests.unit.test_evaluate import _to_toml, sensor_config, sensor_csvs
 from training.evaluate import main
 
 
@@ -17,24 +17,16 @@ def labeled_csvs(tmp_path: Path) -> Path:
     130 test rows in batches of 9: 14 full batches and a partial one of 4."""
     sensor_csvs(tmp_path / "data", 330, slice(250, 275), "2019-03-01", seed=3)
     threshold = {"quantile": 0.98, "window_size": 300, "min_samples": 20}
-    cfg = {
-        "name": "broker-check",
-        "data": {"adapter": "csv", "path": str(tmp_path / "data"), "time_column": "time",
-                 "label_column": "label", "split": {"train_rows": 200}},
-        "features": {"profile": "syn", "entity_field": "series", "time_field": "ts",
-                     "time_format": "epoch_s", "id_field": "row",
-                     "columns": [{"kind": "numeric", "field": f} for f in ("x1", "x2", "x3")]},
-        "training": {"hidden_units": [8], "bottleneck": 1, "epochs": 30, "batch_size": 16,
-                     "patience": 30, "learning_rate": 0.01, "seed": 1},
-        "replay": {"batch_size": 9},
+    cfg = sensor_config(
+        tmp_path / "data", "broker-check", replay={"batch_size": 9},
         # The primary (checked) detector smooths and learns: both depend on the batch cuts.
-        "detectors": [
+        detectors=[
             {"name": "smoothed", "threshold": threshold,
              "smoothing": {"ewma_alpha": 0.5, "min_consecutive": 2}},
             {"name": "plain", "threshold": threshold},
         ],
-        "baselines": {"b1": False, "b2": False},
-    }  # fmt: skip
+        baselines={"b1": False, "b2": False},
+    )  # fmt: skip
     path = tmp_path / "broker-check.toml"
     path.write_text(_to_toml(cfg))
     return path

@@ -403,29 +403,35 @@ def sensor_csvs(folder: Path, n: int, broken: slice, day: str, seed: int) -> Non
         write_csv(folder / f"s{k}.csv", ["time", "x1", "x2", "x3", "label"], rows)
 
 
-def synthetic(tmp_path: Path) -> Path:
-    """`sensor_csvs`: 340 rows each, rows 260-289 broken."""
-    sensor_csvs(tmp_path / "data", 340, slice(260, 290), "2021-01-01", seed=0)
-    cfg = {
-        "name": "synthetic",
-        "data": {"adapter": "csv", "path": str(tmp_path / "data"), "time_column": "time",
+def sensor_config(data: Path, name: str, **sections: object) -> dict[str, object]:
+    """An eval config over `sensor_csvs` (200 training rows, the three sensors, a small
+    dense model); `sections` add or replace top-level sections."""
+    return {
+        "name": name,
+        "data": {"adapter": "csv", "path": str(data), "time_column": "time",
                  "label_column": "label", "split": {"train_rows": 200}},
         "features": {"profile": "syn", "entity_field": "series", "time_field": "ts",
                      "time_format": "epoch_s", "id_field": "row",
                      "columns": [{"kind": "numeric", "field": f} for f in ("x1", "x2", "x3")]},
         "training": {"hidden_units": [8], "bottleneck": 1, "epochs": 30, "batch_size": 16,
                      "patience": 30, "learning_rate": 0.01, "seed": 1},
-        "replay": {"batch_size": 7},
-        "metrics": {"nab": True, "alert_rate": 0.1},
-        "detectors": [
-            {"name": "daemon", "threshold": {"quantile": 0.99, "window_size": 500,
-                                             "min_samples": 20}},
-            {"name": "smoothed", "threshold": {"quantile": 0.99, "window_size": 500,
-                                               "min_samples": 20},
+    } | sections  # fmt: skip
+
+
+def synthetic(tmp_path: Path) -> Path:
+    """`sensor_csvs`: 340 rows each, rows 260-289 broken."""
+    sensor_csvs(tmp_path / "data", 340, slice(260, 290), "2021-01-01", seed=0)
+    threshold = {"quantile": 0.99, "window_size": 500, "min_samples": 20}
+    cfg = sensor_config(
+        tmp_path / "data", "synthetic", replay={"batch_size": 7},
+        metrics={"nab": True, "alert_rate": 0.1},
+        detectors=[
+            {"name": "daemon", "threshold": threshold},
+            {"name": "smoothed", "threshold": threshold,
              "smoothing": {"ewma_alpha": 0.5, "min_consecutive": 2}},
         ],
-        "baselines": {"b2_window_rows": 50},
-    }  # fmt: skip
+        baselines={"b2_window_rows": 50},
+    )  # fmt: skip
     import tomllib
 
     path = tmp_path / "synthetic.toml"
