@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
+from bench.timing import timed
 from streamer.entity_smoothing import EntitySmoothedThresholds
 from streamer.smoothing import SmoothingSettings
 from streamer.threshold import EntityThresholds
@@ -48,15 +48,6 @@ def batches(entities: int, batch: int, count: int, seed: int) -> list[tuple[list
         ids = rng.choice(entities, size=batch, p=weights / weights.sum())
         out.append(([names[i] for i in ids], rng.gamma(2.0, 0.5, batch)))
     return out
-
-
-def timed(call: Callable[[int], object], n: int, min_seconds: float) -> float:
-    """Seconds per call, cycling over n inputs until min_seconds have gone by."""
-    calls, started = 0, time.perf_counter()
-    while calls < n or time.perf_counter() - started < min_seconds:
-        call(calls % n)
-        calls += 1
-    return (time.perf_counter() - started) / calls
 
 
 def judge(

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
+from bench.timing import timed
 from streamer import smoothing
 from streamer.config import ThresholdSettings
 from streamer.smoothing import SmoothedThreshold, SmoothingSettings
@@ -90,15 +91,6 @@ def stream(rows: int, seed: int) -> np.ndarray:
     for start in np.flatnonzero(rng.random(rows) < 1 / 2000):
         scores[start : start + rng.integers(5, 101)] *= rng.uniform(3.0, 8.0)
     return scores
-
-
-def timed(call: Callable[[int], object], n: int, min_seconds: float) -> float:
-    """Seconds per call, cycling over n inputs until min_seconds have gone by."""
-    calls, started = 0, time.perf_counter()
-    while calls < n or time.perf_counter() - started < min_seconds:
-        call(calls % n)
-        calls += 1
-    return (time.perf_counter() - started) / calls
 
 
 def has_loops(s: SmoothingSettings) -> bool:
