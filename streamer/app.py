@@ -38,6 +38,7 @@ from streamer.drift import DriftMonitor
 from streamer.kafka_io import StartupError
 from streamer.metrics import CONTROL_ACTIONS, REJECT_REASONS, Heartbeat, Metrics, StatusServer
 from streamer.pipeline import BatchResult, Pipeline
+from streamer.ranges import RangeGuard
 from streamer.records import ModelRef, RawMessage
 from streamer.shadow import Decision, ShadowStats, decide
 from streamer.smoothing import SmoothedThreshold
@@ -95,7 +96,21 @@ def build_pipeline(
         publish_alerts=settings.incidents.publish_alerts or not settings.incidents.enabled,
         control=control,
         drift=DriftMonitor(bundle.drift, settings.drift.window_events) if bundle.drift else None,
+        ranges=_range_guard(t.range_tolerance, bundle),
     )
+
+
+def _range_guard(tolerance: float | None, bundle: bundles.Bundle) -> RangeGuard | None:
+    if tolerance is None:
+        return None
+    if bundle.feature_range is None:
+        log.warning(
+            "threshold.range_tolerance: bundle %s has no training range (written before it); "
+            "the range starts from the first live rows",
+            bundle.version,
+        )
+        return RangeGuard(None, None, tolerance)
+    return RangeGuard(*bundle.feature_range, tolerance)
 
 
 class Backoff:

@@ -94,6 +94,10 @@ class Parity(msgspec.Struct, forbid_unknown_fields=True):
 class WarmStart(msgspec.Struct, forbid_unknown_fields=True):
     errors: list[float]  # held-out reconstruction errors, in event order
     quantiles: dict[str, float]
+    # Each scaled feature's min and max over the training period's rows (train and held
+    # out): where threshold.range_tolerance starts. Absent in bundles written before it.
+    feature_low: list[float] | None = None
+    feature_high: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,8 @@ class Bundle:
     warm_start: np.ndarray
     # The training distributions (drift.json); None for a bundle written without them.
     drift: DriftReference | None = None
+    # Each scaled feature's (min, max) over the training rows; None in older bundles.
+    feature_range: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def version(self) -> str:
@@ -289,7 +295,34 @@ def load(path: Path, expected_spec: FeatureSpec | None = None) -> Bundle:
     if drift is not None and list(drift.features) != spec.feature_names():
         raise BundleError(f"{DRIFT_FILE}: features differ from the feature spec's")
     warm_start = np.array(warm.errors, dtype=np.float64)
-    return Bundle(root, manifest, spec, scaler, warm_start, drift)
+    return Bundle(
+        root,
+        manifest,
+        spec,
+        scaler,
+        warm_start,
+        drift,
+        _feature_range(warm, len(spec.feature_names())),
+    )
+
+
+def _feature_range(warm: WarmStart, width: int) -> tuple[np.ndarray, np.ndarray] | None:
+    if warm.feature_low is None and warm.feature_high is None:
+        return None
+    if warm.feature_low is None or warm.feature_high is None:
+        raise BundleError(f"{THRESHOLD_FILE}: feature_low and feature_high come together")
+    low = np.array(warm.feature_low, dtype=np.float64)
+    high = np.array(warm.feature_high, dtype=np.float64)
+    for name, values in (("feature_low", low), ("feature_high", high)):
+        if values.size != width:
+            raise BundleError(
+                f"{THRESHOLD_FILE}: {name} has {values.size} values for {width} features"
+            )
+        if not np.isfinite(values).all():
+            raise BundleError(f"{THRESHOLD_FILE}: {name} holds a non-finite value")
+    if (low > high).any():
+        raise BundleError(f"{THRESHOLD_FILE}: feature_low is above feature_high")
+    return low, high
 
 
 def spec_difference(a: FeatureSpec, b: FeatureSpec) -> str:

@@ -162,8 +162,14 @@ class ThresholdSettings(_Section, frozen=True):
     per_entity: bool = False
     entity_window_size: int = 200  # scores kept per entity: 8 bytes each
     entity_min_samples: int = 50
+    # A row with a scaled feature more than this share of the range seen so far beyond that
+    # range (training rows, then live rows) alerts whatever its score (streamer/ranges.py;
+    # Numenta's NAB detector uses 0.05). None: off.
+    range_tolerance: float | None = None
 
     def __post_init__(self) -> None:
+        if self.range_tolerance is not None and not self.range_tolerance >= 0.0:
+            raise ValueError("threshold.range_tolerance must be >= 0")
         if not 0.0 < self.quantile < 1.0:
             raise ValueError("threshold.quantile must be in (0, 1)")
         if self.window_size < 1:

@@ -199,6 +199,12 @@ class Metrics:
         )
         for outcome in ("promoted", "rolled_back", "rejected"):
             self.shadow_decisions.labels(outcome)
+        self.beyond_range = Counter(
+            "anomaly_events_beyond_range",
+            "Scored events with a feature beyond the range seen so far (threshold."
+            "range_tolerance); each alerts whatever its score, unless muted or overridden",
+            registry=registry,
+        )
         self.held_back = Counter(
             "anomaly_events_held_back",
             "Valid events not scored because their entity's window was not full yet",
@@ -301,6 +307,8 @@ class Metrics:
         self.scored.inc(result.scores.size)
         if result.held_back:
             self.held_back.inc(result.held_back)
+        if result.beyond_range is not None and result.beyond_range.any():
+            self.beyond_range.inc(int(result.beyond_range.sum()))
         if result.publish_alerts:
             self.alerts.inc(len(result.alerts))
         for incident in result.incidents:

@@ -20,6 +20,7 @@ from streamer.control import ControlState
 from streamer.drift import DriftMonitor
 from streamer.entity_smoothing import EntitySmoothedThresholds
 from streamer.features import FeatureSpec, build_features, event_seconds
+from streamer.ranges import RangeGuard
 from streamer.records import (
     ALERT_SCHEMA_VERSION,
     Alert,
@@ -52,6 +53,8 @@ class BatchResult:
     held_back: int = 0  # valid events whose entity window is not full yet
     incidents: list[Incident] = field(default_factory=list)
     publish_alerts: bool = True  # false: the alerts feed incidents only
+    # threshold.range_tolerance: which scored events had a feature beyond the range so far.
+    beyond_range: np.ndarray | None = None
 
 
 class Pipeline:
@@ -70,6 +73,7 @@ class Pipeline:
         publish_alerts: bool = True,
         control: ControlState | None = None,
         drift: DriftMonitor | None = None,
+        ranges: RangeGuard | None = None,
     ) -> None:
         self.spec = spec
         self.scaler = scaler
@@ -82,6 +86,7 @@ class Pipeline:
         self.publish_alerts = publish_alerts
         self.control = control  # shared with the app, which feeds it between batches
         self.drift = drift  # live feature and score distributions (read by the app)
+        self.ranges = ranges  # threshold.range_tolerance: one range per pipeline
         self._decoder = msgspec.json.Decoder(spec.event_type())
         self._names = spec.feature_names()
         self._unit_names = spec.unit_names()
@@ -124,6 +129,11 @@ class Pipeline:
             model_input, rows = self.state.windows.add(keys, np.asarray(x, dtype=np.float32))
         if not scores_needed:  # a replay for windows (and aggregates): done
             return BatchResult(len(messages), [], dead, np.empty(0), self.threshold.value)
+        # Every valid row widens the range (held-back ones too: they were seen); a replay
+        # re-reads rows the range has seen already.
+        beyond = None
+        if self.ranges is not None and not replay:
+            beyond = self.ranges.check(x)[rows]
         t3 = clock()
         recon = self.scorer.reconstruct(model_input)
         errors = reconstruction_errors(model_input, recon)
@@ -154,6 +164,10 @@ class Pipeline:
             flagged, used = self.state.thresholds.judge(scored_keys, scores, judged_against)
             if isinstance(self.state.thresholds, EntitySmoothedThresholds):
                 judged = self.state.thresholds.last_smoothed
+        if beyond is not None:
+            # Beyond range alerts whatever the score, unshaped (no run, no cooldown): each
+            # breakout moves the range, so a drift alerts once per tolerance step.
+            flagged = flagged | beyond
         if self.control is not None and self.control.active:
             # Mutes, fixed overrides and feedback-raised thresholds have the last word.
             flagged, used = self.control.adjust([keys[i] for i in rows], judged, flagged, used)
@@ -164,7 +178,7 @@ class Pipeline:
         # the raw one beside it where they differ.
         alerts, times = self._alerts(
             np.flatnonzero(flagged), rows, kept, events, raw, recon, errors, judged, used,
-            raw_scores=None if judged is scores else scores,
+            raw_scores=None if judged is scores else scores, beyond=beyond,
         )  # fmt: skip
         incidents: list[Incident] = []
         if self.state.incidents is not None:
@@ -183,7 +197,7 @@ class Pipeline:
         return BatchResult(
             len(messages), alerts, dead, scores, judged_against, stage,
             scored=[kept[i] for i in rows], held_back=len(events) - rows.size,
-            incidents=incidents, publish_alerts=self.publish_alerts,
+            incidents=incidents, publish_alerts=self.publish_alerts, beyond_range=beyond,
         )  # fmt: skip
 
     def _decode(
@@ -228,6 +242,7 @@ class Pipeline:
         scores: np.ndarray,  # the scores judged (smoothed with [smoothing])
         used: np.ndarray,
         raw_scores: np.ndarray | None = None,  # the model's own, where `scores` are smoothed
+        beyond: np.ndarray | None = None,  # scored rows beyond the range so far
     ) -> tuple[list[Alert], list[float]]:
         """The alerts of a batch, explained in one pass of array operations (a quarter of
         a sensor stream can alert: per-alert numpy calls were a tenth of the daemon's time)."""
@@ -252,6 +267,7 @@ class Pipeline:
         if raw_scores is not None:
             pairs = zip(raw_scores[hits].tolist(), scores[hits].tolist(), strict=True)
             raw_of = [r if r != s else None for r, s in pairs]
+        outside = [False] * hits.size if beyond is None else beyond[hits].tolist()
         alerts, times = [], []
         for n, (j, features) in enumerate(zip(idx.tolist(), top.tolist(), strict=True)):
             message, event = kept[j], events[j]
@@ -277,6 +293,7 @@ class Pipeline:
                     ],
                     source=SourcePosition(message.topic, message.partition, message.offset),
                     raw_score=raw_of[n],
+                    beyond_range=outside[n],
                 )
             )
         return alerts, times

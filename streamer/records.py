@@ -45,13 +45,20 @@ RAW_SCORE = (
 )
 
 
+BEYOND_RANGE = (
+    "True when one of the event's features lay beyond the range seen so far "
+    "(threshold.range_tolerance): such an event alerts whatever its score; absent otherwise."
+)
+
+
 class ModelRef(msgspec.Struct, frozen=True):
     version: str
     kind: str
 
 
-# omit_defaults: `raw_score` (None unless smoothed) is left out of the JSON, so an unsmoothed
-# alert is what it was before the field; no other field of an alert has a default.
+# omit_defaults: `raw_score` (None unless smoothed) and `beyond_range` (False unless that rule
+# fired) are left out of the JSON, so a plain alert is what it was before those fields; no
+# other field of an alert has a default.
 class Alert(msgspec.Struct, frozen=True, tag_field="type", tag="alert", omit_defaults=True):
     """One anomalous event, published to the alert topic keyed by entity."""
 
@@ -70,6 +77,7 @@ class Alert(msgspec.Struct, frozen=True, tag_field="type", tag="alert", omit_def
     top_features: list[FeatureContribution]
     source: SourcePosition
     raw_score: Annotated[float | None, msgspec.Meta(description=RAW_SCORE)] = None
+    beyond_range: Annotated[bool, msgspec.Meta(description=BEYOND_RANGE)] = False
 
 
 IncidentStatus = Literal["open", "update", "resolve"]

@@ -204,6 +204,7 @@ class Run:
     thresholds: np.ndarray  # NaN while the detector flags nothing (below min_samples)
     raw_scores: np.ndarray | None = None  # the pipeline's own score when `scores` is smoothed
     z: np.ndarray | None = None  # smoothing.likelihood: each row's z against its window
+    beyond: np.ndarray | None = None  # threshold.range_tolerance: rows beyond the range so far
     top_alerts: list[tuple[float, str, Alert]] = field(default_factory=list)
     dead_letters: int = 0
 
@@ -283,6 +284,8 @@ def replay(
         run.raw_scores = np.full(m, np.nan)
         if pipeline.threshold.settings.likelihood:
             run.z = np.full(m, -np.inf)
+    if pipeline.ranges is not None:
+        run.beyond = np.zeros(m, dtype=bool)
     encode = msgspec.json.Encoder().encode
     topic = series.name
     heap: list[tuple[float, int, Alert]] = []
@@ -333,6 +336,8 @@ def replay(
                 run.z[kept] = pipeline.threshold.last_z
         else:
             run.scores[kept] = result.scores
+        if run.beyond is not None and result.beyond_range is not None:
+            run.beyond[kept] = result.beyond_range
         if np.isfinite(result.threshold):
             run.thresholds[a - n0 : b - n0] = result.threshold
         for alert in result.alerts:
@@ -783,7 +788,8 @@ def nab_level_raw(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Raw NAB score of each file at each level, per profile ([file, level]), and each file's
     scored windows. The alerts at a level are recomputed from the rows' z: the likelihood rule
-    learns every score, so its window does not depend on what it alerted."""
+    learns every score, so its window does not depend on what it alerted; rows beyond the
+    range so far (threshold.range_tolerance) alert at every level, as in the pipeline."""
     z_levels = [NormalDist().inv_cdf(q) for q in levels]
     raw = {p.name: np.zeros((len(series_list), len(levels))) for p in nab.PROFILES}
     windows = np.zeros(len(series_list), dtype=int)
@@ -793,6 +799,8 @@ def nab_level_raw(
         for k, zl in enumerate(z_levels):
             flags = np.zeros(s.n, dtype=bool)
             flags[s.n_train :] = shape(r.z > zl, smoothing)[0]
+            if r.beyond is not None:
+                flags[s.n_train :] |= r.beyond
             for p in nab.PROFILES:
                 fs = nab.score_file(flags, file_windows, p)
                 raw[p.name][f, k] = fs.raw
@@ -923,6 +931,8 @@ def save_arrays(arrays: dict[str, Any], path: Path) -> None:
                 out[f"{k}/{d}/raw_scores"] = r.raw_scores
             if r.z is not None:
                 out[f"{k}/{d}/z"] = r.z
+            if r.beyond is not None:
+                out[f"{k}/{d}/beyond"] = r.beyond
     names = np.array([s.name for s in arrays["series"]])
     detectors = np.array(list(arrays["runs"]))
     out["series"], out["detectors"] = names, detectors

@@ -19,6 +19,7 @@ from streamer.config import TrainingSettings
 from streamer.drift import build_reference
 from streamer.features import FeatureSpec
 from streamer.lean import NumpyDenseScorer, NumpyDenseWindowScorer, NumpyLSTMScorer
+from streamer.ranges import training_range
 from streamer.scaler import StandardScaler
 from streamer.scoring import reconstruction_errors
 from streamer.windows import sliding_windows
@@ -145,7 +146,10 @@ def fit_bundle(
         (staging / bundles.PARITY_FILE).write_bytes(msgspec.json.encode(parity))
         (staging / bundles.SCALER_FILE).write_bytes(split.scaler.to_json())
         (staging / bundles.SPEC_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(spec)))
-        warm = bundles.WarmStart(errors=val_scores.tolist(), quantiles=quantiles)
+        low, high = training_range(split.scaler.transform(history.features))
+        warm = bundles.WarmStart(
+            errors=val_scores.tolist(), quantiles=quantiles, feature_low=low, feature_high=high
+        )
         (staging / bundles.THRESHOLD_FILE).write_bytes(msgspec.json.encode(warm))
         drift = build_reference(names, split.rows_train, val_scores)
         (staging / bundles.DRIFT_FILE).write_bytes(msgspec.json.encode(drift))

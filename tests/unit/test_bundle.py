@@ -172,3 +172,29 @@ def test_model_is_loaded_in_safe_mode(orders_bundle: bundles.Bundle) -> None:
     scorer = orders_bundle.load_scorer()
     x = np.zeros((3, len(ORDERS.feature_names())), dtype=np.float32)
     assert scorer.reconstruct(x).shape == x.shape
+
+
+def test_training_range_is_in_the_warm_start_and_checked_at_load(
+    orders_bundle: bundles.Bundle, tmp_path: Path
+) -> None:
+    assert orders_bundle.feature_range is not None
+    low, high = orders_bundle.feature_range
+    assert low.size == high.size == len(ORDERS.feature_names())
+    assert (low <= high).all() and (low < high).sum() > 20  # a category never seen: low == high
+    path = copy_bundle(orders_bundle, tmp_path)
+
+    def rewrite(**changes: object) -> None:
+        warm = msgspec.json.decode((path / bundles.THRESHOLD_FILE).read_bytes())
+        (path / bundles.THRESHOLD_FILE).write_bytes(msgspec.json.encode({**warm, **changes}))
+        m = msgspec.json.decode((path / bundles.MANIFEST_FILE).read_bytes())
+        keep = {k: v for k, v in m.items() if k not in ("format_version", "version", "files")}
+        bundles.write_manifest(path, **keep)
+
+    rewrite(feature_low=low.tolist()[:-1])
+    with pytest.raises(bundles.BundleError, match="feature_low has"):
+        bundles.load(path)
+    rewrite(feature_low=high.tolist(), feature_high=low.tolist())
+    with pytest.raises(bundles.BundleError, match="feature_low is above feature_high"):
+        bundles.load(path)
+    rewrite(feature_low=None, feature_high=None)  # a bundle written before the range
+    assert bundles.load(path).feature_range is None

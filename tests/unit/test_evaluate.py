@@ -481,13 +481,18 @@ def test_evaluate_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert html.count("<img") >= 3 and "synthetic" in html
 
 
-def test_nab_levels_recomputed_from_z_match_replays_at_those_levels(tmp_path: Path) -> None:
+@pytest.mark.parametrize("range_tolerance", [None, 0.05])
+def test_nab_levels_recomputed_from_z_match_replays_at_those_levels(
+    tmp_path: Path, range_tolerance: float | None
+) -> None:
     config = load_config(synthetic(tmp_path))
     levels = [0.6, 0.99, 0.9999995]  # the last one would print as "1" with :g
     dets = [
         DetectorSettings(
             name=f"likelihood {q}",
-            threshold=ThresholdSettings(window_size=500, min_samples=20),
+            threshold=ThresholdSettings(
+                window_size=500, min_samples=20, range_tolerance=range_tolerance
+            ),
             smoothing=SmoothingSettings(likelihood=q, mean_rows=3, cooldown_rows=5),
         )
         for q in levels
@@ -501,6 +506,9 @@ def test_nab_levels_recomputed_from_z_match_replays_at_those_levels(tmp_path: Pa
     result, arrays = evaluate(config, tmp_path / "out")
     replayed = [result["detectors"][d.name]["nab"] for d in dets]
     assert len({r["fp"] for r in replayed}) > 1  # the levels differ in what they alert
+    if range_tolerance is not None:  # rows beyond range alert at every level
+        beyond = [r.beyond for r in arrays["runs"][dets[-1].name]]
+        assert all(b is not None for b in beyond) and sum(int(b.sum()) for b in beyond) > 0
     for d in dets:  # every detector's recomputation matches every level's own replay
         cv = result["detectors"][d.name]["nab_cv"]
         for profile in ("standard", "reward_low_FP_rate", "reward_low_FN_rate"):

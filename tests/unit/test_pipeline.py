@@ -5,10 +5,12 @@ from itertools import islice
 import msgspec
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from streamer import bundle as bundles
 from streamer.app import build_pipeline
 from streamer.config import from_mapping
+from streamer.metrics import Metrics
 from streamer.pipeline import Pipeline
 from streamer.records import (
     Alert,
@@ -155,3 +157,33 @@ def test_an_unsmoothed_alert_on_the_wire() -> None:
     smoothed = msgspec.structs.replace(alert, raw_score=3.2)
     assert msgspec.json.encode(smoothed).endswith(b',"offset":1234},"raw_score":3.2}')
     assert msgspec.json.decode(msgspec.json.encode(alert), type=Alert) == alert
+
+
+def test_range_tolerance_alerts_a_breakout_whatever_the_score(
+    orders_bundle: bundles.Bundle,
+) -> None:
+    settings = msgspec.structs.replace(
+        SETTINGS,
+        threshold=msgspec.structs.replace(SETTINGS.threshold, range_tolerance=0.05, learn=False),
+    )
+    p = build_pipeline(settings, orders_bundle, orders_bundle.load_scorer())
+    p.threshold.value = float("inf")  # only the range rule can alert
+    assert p.ranges is not None and orders_bundle.feature_range is not None
+    high = orders_bundle.feature_range[1].tolist()
+    assert p.ranges.high is not None and p.ranges.high.tolist() == high  # the training range
+    normal, _ = stream(200, seed=12, rate=0.0)
+    event = msgspec.json.decode(normal[0])
+    event.update(amount=250_000.0, items=2)  # far beyond any training order
+    breakout = msgspec.json.encode(event)
+    assert not p.process(messages([breakout]), replay=True).alerts
+    assert p.ranges.high.tolist() == high  # a replay re-reads rows: the range is untouched
+    result = p.process(messages([*normal[1:], breakout, breakout]))
+    [alert] = result.alerts  # the repeat lies inside the range the first one widened
+    assert alert.source.offset == 199 and alert.beyond_range
+    assert alert.score < alert.threshold == float("inf")
+    assert b'"beyond_range":true' in msgspec.json.encode(alert)
+    assert result.beyond_range is not None
+    assert result.beyond_range.tolist() == [False] * 199 + [True, False]
+    registry = CollectorRegistry()
+    Metrics(registry).record_batch(result)
+    assert registry.get_sample_value("anomaly_events_beyond_range_total") == 1.0
