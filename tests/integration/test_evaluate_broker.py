@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import pytest
 
 from tests.unit.test_evaluate import _to_toml, sensor_config, sensor_csvs
@@ -19,9 +20,10 @@ def labeled_csvs(tmp_path: Path) -> Path:
     threshold = {"quantile": 0.98, "window_size": 300, "min_samples": 20}
     cfg = sensor_config(
         tmp_path / "data", "broker-check", replay={"batch_size": 9},
-        # The primary (checked) detector smooths and learns: both depend on the batch cuts.
+        # The primary (checked) detector smooths and learns: both depend on the batch cuts;
+        # its range rule learns every row (the broken rows push x2 beyond its range).
         detectors=[
-            {"name": "smoothed", "threshold": threshold,
+            {"name": "smoothed", "threshold": {**threshold, "range_tolerance": 0.05},
              "smoothing": {"ewma_alpha": 0.5, "min_consecutive": 2}},
             {"name": "plain", "threshold": threshold},
         ],
@@ -47,3 +49,6 @@ def test_broker_replay_gives_the_in_process_alerts(
     assert check["cuts_checked_series"] == 2 and check["batches"] == 2 * 15
     assert check["max_score_difference"] < 1e-9
     assert check["dead_letters"] == 0
+    # Rows beyond the range alerted on both paths (the alerts above are identical).
+    arrays = np.load(out / "series.npz")
+    assert sum(int(arrays[f"{k}/0/beyond"].sum()) for k in range(2)) >= 2

@@ -578,6 +578,7 @@ def test_replay_delivers_labels_at_their_time_and_matches_training_features() ->
             self.spec = spec
             self.state = EntityState(aggregates=AggregateState(spec))
             self.threshold = RollingQuantileThreshold(100, 0.99, 10)
+            self.ranges = None  # no threshold.range_tolerance
             self.rows: list[np.ndarray] = []
             self.decode = msgspec.json.Decoder(spec.event_type()).decode
             self.delivered: list[float] = []
