@@ -29,10 +29,11 @@ nothing. `anomaly: false` withdraws the event's label (investigators correct mis
 it is counted, its hour counts one less ("withdrawn"), and a later `anomaly: true` counts it
 again; for an event not counted (never labeled, withdrawn already, or older than the reach)
 it changes nothing ("unmatched"). Messages apply in topic order, so the counts are those of
-the labels standing at that point (`event_time` is still required; a withdrawal goes by the
-id). Labels are kept apart from the per-partition state (streamer/labels.py), so they
-outlive partition moves and model reloads; every replica reads them all, and a restarted
-one re-reads the topic from its start into an empty store, so each label again counts once.
+the labels standing at that point (a withdrawal goes by the id: it may leave out
+`event_time`, which a label with `anomaly: true` needs). Labels are kept apart from the
+per-partition state (streamer/labels.py), so they outlive partition moves and model reloads;
+every replica reads them all, and a restarted one re-reads the topic from its start into an
+empty store, so each label again counts once.
 The denominator is the events this replica scored, so the rate is exact when one replica
 sees all of a key's events (a single replica, or input keyed by the label_rate key).
 
@@ -140,9 +141,14 @@ class Label(_Feedback, tag="label", frozen=True, forbid_unknown_fields=True):
     key_field: str
     key: str | int
     event_id: str | int  # the event's `id_field` value: a label counts once per event
-    event_time: Annotated[datetime, msgspec.Meta(tz=True)] | int | float
     anomaly: bool
+    # Required to count a label (its hour); a withdrawal goes by the id and may omit it.
+    event_time: Annotated[datetime, msgspec.Meta(tz=True)] | int | float | None = None
     note: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.anomaly and self.event_time is None:
+            raise ValueError("a label with anomaly true needs event_time")
 
 
 Feedback = FalsePositive | Ack | Label
@@ -230,16 +236,17 @@ class ControlState:
         return kind, "applied"
 
     def _label(self, message: Label) -> str:
-        t = message.event_time
-        if isinstance(t, datetime):
-            seconds = t.timestamp()
-        else:
-            seconds = t / 1000.0 if self.time_format == "epoch_ms" else float(t)
         if message.key_field not in self.labels.key_fields:
             return "unmatched"
         if not message.anomaly:  # a correction: the event was not anomalous after all
             taken = self.labels.withdraw(message.key_field, message.key, message.event_id)
             return "withdrawn" if taken == "withdrawn" else "unmatched"
+        t = message.event_time
+        assert t is not None  # Label.__post_init__
+        if isinstance(t, datetime):
+            seconds = t.timestamp()
+        else:
+            seconds = t / 1000.0 if self.time_format == "epoch_ms" else float(t)
         outcome = self.labels.add(message.key_field, message.key, seconds, message.event_id)
         if outcome == "counted":
             return "applied"

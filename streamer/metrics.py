@@ -28,7 +28,7 @@ CONTROL_ACTIONS = (
 )  # fmt: skip
 EVICTIONS = (
     ("windows", "capacity"), ("aggregates", "capacity"), ("aggregates", "idle"),
-    ("thresholds", "capacity"), ("incidents", "capacity"),
+    ("thresholds", "capacity"), ("incidents", "capacity"), ("labels", "capacity"),
 )  # fmt: skip
 REJECT_REASONS = (
     "empty", "too_large", "invalid_utf8", "invalid_json", "schema", "out_of_range", "non_finite",
@@ -212,11 +212,12 @@ class Metrics:
         )
         self.state_entities = Gauge(
             "anomaly_state_entities",
-            "Entities held in keyed state, by kind (aggregates, windows, thresholds, incidents)",
+            "Entities held in keyed state, by kind (aggregates, windows, thresholds, incidents, "
+            "labels)",
             ["kind"],
             registry=registry,
         )
-        for kind in ("aggregates", "windows", "thresholds", "incidents"):
+        for kind in ("aggregates", "windows", "thresholds", "incidents", "labels"):
             self.state_entities.labels(kind)
         self.state_evictions = Counter(
             "anomaly_state_evictions",

@@ -104,6 +104,8 @@ class EntityState:
             out["thresholds"] = self.thresholds.entities
         if self.incidents is not None:
             out["incidents"] = self.incidents.entities
+        if self._labels is not None:
+            out["labels"] = self._labels.keys
         return out
 
     def evictions(self) -> dict[tuple[str, str], int]:
@@ -119,4 +121,14 @@ class EntityState:
             out[("thresholds", "capacity")] = self.thresholds.evictions
         if self.incidents is not None:
             out[("incidents", "capacity")] = self.incidents.evictions
+        if self._labels is not None:
+            # The app's store outlives pipelines: its total runs on across reloads.
+            out[("labels", "capacity")] = self._labels.evictions
         return out
+
+    @property
+    def _labels(self) -> LabelStore | None:
+        """The label store, where label_rate columns read it (keys of labeled entities)."""
+        if self.aggregates is None or not self.aggregates.labels.key_fields:
+            return None
+        return self.aggregates.labels

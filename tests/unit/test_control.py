@@ -130,6 +130,9 @@ def test_label_feedback_reaches_the_label_rate_features() -> None:
     with pytest.raises(ControlError, match="event_id"):
         c.apply_feedback(b'{"type": "label", "key_field": "shop", "key": "s", '
                          b'"event_time": 60000, "anomaly": true}', key=None)  # fmt: skip
+    with pytest.raises(ControlError, match="needs event_time"):  # a label needs its hour
+        c.apply_feedback(b'{"type": "label", "key_field": "shop", "key": "s", "event_id": 1, '
+                         b'"anomaly": true}', key=None)  # fmt: skip
     x = state.update([Event(tx=3, card=3, shop="s", ts=3_600_000),
                       Event(tx=4, card=3, shop="t", ts=3_600_000)])  # fmt: skip
     assert x.tolist() == [[1.0, 0.5], [0.0, 0.0]]
@@ -238,9 +241,11 @@ def test_the_feedback_path_withdraws_and_relabels() -> None:
     state.update([Event(tx=k, card=k, shop="s", ts=60.0 * k) for k in range(4)])
 
     def message(event_id: int, anomaly: bool) -> SimpleNamespace:
+        # A withdrawal goes by the id: it leaves event_time out.
+        time = {"event_time": 60 * event_id} if anomaly else {}
         value = msgspec.json.encode(
             {"type": "label", "key_field": "shop", "key": "s", "event_id": event_id,
-             "event_time": 60 * event_id, "anomaly": anomaly}
+             "anomaly": anomaly} | time
         )  # fmt: skip
         return SimpleNamespace(topic="fb", partition=0, offset=0, key=None, value=value)
 

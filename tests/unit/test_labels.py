@@ -358,3 +358,27 @@ def test_label_rate_needs_an_id_field() -> None:
     with pytest.raises(msgspec.ValidationError, match="id_field"):
         msgspec.convert(doc, FeatureSpec)
     assert msgspec.convert({**doc, "id_field": "tx"}, FeatureSpec).labeled
+
+
+def test_label_keys_and_their_evictions_are_exported() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from streamer.metrics import Metrics
+    from streamer.state import EntityState
+
+    store = LabelStore(max_keys=2)
+    state = EntityState(aggregates=AggregateState(SPEC, labels=store))
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    for shop in ("a", "b", "c"):  # three shops' labels: one key too many
+        state.aggregates.confirm(Event(id=shop, user="u", shop=shop, ts=0.0, amount=1.0))
+    metrics.record_state(state)
+    sample = registry.get_sample_value
+    assert sample("anomaly_state_entities", {"kind": "labels"}) == 2 == store.keys
+    assert sample("anomaly_state_evictions_total", {"kind": "labels", "reason": "capacity"}) == 2
+    # Without label_rate columns nothing reads the store: no labels kind.
+    plain = FeatureSpec(
+        profile="t", entity_field="user", time_field="ts", time_format="epoch_s",
+        columns=[Rolling(field="amount", windows_seconds=[H], stats=["count"])],
+    )  # fmt: skip
+    assert "labels" not in EntityState(aggregates=AggregateState(plain)).entities()
