@@ -94,7 +94,8 @@ class ReplaySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # row k * retrain_every_rows (k >= 1; a series with m test rows gets
     # (m - 1) // retrain_every_rows retrains) a new bundle is fitted on the last
     # retrain_history_rows rows seen (training part + test rows replayed, unlabeled; None:
-    # all of them) and a new pipeline continues from its warm start, as the daemon's reload.
+    # all of them) and a new pipeline continues from its warm start, as the daemon's reload
+    # (per-entity state rebuilt from the last state.restore_events rows, as its restore).
     retrain_every_rows: int | None = None
     retrain_history_rows: int | None = None
 
@@ -266,6 +267,7 @@ def replay(
     top: int,
     label_delay_seconds: float | None = None,
     reloads: dict[int, Any] | None = None,
+    restore_rows: int = 0,
 ) -> Run:
     """Feed the test rows to a Pipeline as JSON messages, batch by batch, as the daemon does.
 
@@ -276,7 +278,9 @@ def replay(
 
     `reloads` maps a test row to the pipeline that scores from that row on (a retrained
     bundle's, swapped in between batches as the daemon's hot reload does); batches restart
-    at each such row. Only for pipelines without per-entity state: the new one starts empty."""
+    at each such row. A new pipeline that keeps per-entity state (windows, aggregates,
+    per-entity thresholds) first rebuilds it from the `restore_rows` rows before the swap
+    (`state.restore_events`), as the daemon restores its partitions after a reload."""
     n0, m = series.n_train, series.n - series.n_train
     run = Run(np.full(m, np.nan), np.zeros(m, dtype=bool), np.full(m, np.nan))
     smoothed = isinstance(pipeline.threshold, SmoothedThreshold)
@@ -321,7 +325,12 @@ def replay(
     bounds = [n0, *sorted(r for r in reloads if n0 < r < series.n), series.n]
     spans = [ab for lo, hi in pairwise(bounds) for ab in _spans(lo, hi, batch_size, due)]
     for a, b in spans:
-        pipeline = reloads.get(a, pipeline)
+        swapped = reloads.get(a)
+        if swapped is not None:
+            pipeline = swapped
+            if pipeline.state.needs_history:
+                for lo, hi in _spans(max(0, a - restore_rows), a, batch_size, ()):
+                    pipeline.process(batch(lo, hi), replay=True)
         deliver(a)
         messages = batch(a, b)
         result = pipeline.process(messages)
@@ -427,14 +436,6 @@ def evaluate(
     # in, fitted up front; each sees only rows before the test row it starts at.
     retrained: dict[str, list[tuple[int, Any, Any]]] = {s.name: [] for s in series_list}
     if config.replay.retrain_every_rows is not None:
-        b, scorer = bundle_of[series_list[0].name]
-        for det in config.detectors:
-            if build_pipeline(_settings(config, det, b.path), b, scorer).state.needs_history:
-                raise ValueError(
-                    f"replay.retrain_every_rows: detector {det.name!r} keeps per-entity state "
-                    "(LSTM windows, aggregates or per-entity thresholds), which a reload would "
-                    "have to rebuild; retraining is replayed for stateless pipelines only"
-                )
         t = time.monotonic()
         for s, h in zip(series_list, feats, strict=True):
             retrained[s.name] = _retrain(config, s, h, out_dir / "bundles" / _safe(s.name))
@@ -463,6 +464,7 @@ def evaluate(
                     config.report.top_alerts,
                     delay,
                     reloads,
+                    settings.state.restore_events,
                 )
             )
         log.info("replayed %s over %d series", det.name, len(series_list))

@@ -688,16 +688,26 @@ def test_retrain_settings_name_the_field(tmp_path: Path, replay: str, match: str
         load_config(cfg)
 
 
-def test_retraining_refuses_a_shared_model_and_per_entity_state(tmp_path: Path) -> None:
+def test_retraining_refuses_a_shared_model(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     text = MINIMAL.format(path="x", train_rows=5) + "\n[replay]\nretrain_every_rows = 5\n"
     cfg.write_text('model_scope = "shared"\n' + text)
     with pytest.raises(EvalConfigError, match=r"retrain_every_rows needs model_scope"):
         load_config(cfg)
+
+
+def test_a_windowed_model_is_retrained_with_its_windows_restored(tmp_path: Path) -> None:
+    """After each swap the new pipeline rebuilds its windows from the rows before (the
+    daemon's restore), so no test row is held back; without the restore, each swap would hold
+    back window_length - 1 rows."""
     config = _retrain_config(tmp_path, every=40)
-    per_entity = ThresholdSettings(quantile=0.5, window_size=500, min_samples=1, per_entity=True)
-    config = msgspec.structs.replace(
-        config, detectors=[DetectorSettings(name="entity", threshold=per_entity)]
+    training = msgspec.structs.replace(
+        config.training, model="dense_window", window_length=4, hidden_units=[8], bottleneck=2
     )
-    with pytest.raises(ValueError, match=r"retrain_every_rows: detector 'entity'"):
-        evaluate(config, tmp_path / "out")
+    config = msgspec.structs.replace(config, training=training)
+    result, arrays = evaluate(config, tmp_path / "out")
+    assert result["timings"]["retrains"] == 3
+    (run,) = arrays["runs"]["often"]
+    assert np.isfinite(run.scores).all()  # every test row scored, also right after a swap
+    versions = {alert.model.version for _, _, alert in run.top_alerts}
+    assert len(versions) == 4 and {a.model.kind for _, _, a in run.top_alerts} == {"dense_window"}
