@@ -176,7 +176,10 @@ def _describe(record: object, args: argparse.Namespace) -> str:
     )
     return (
         f"ALERT {a['entity_field']}={a['entity']} event={a['event_id']} at {a['event_time']} "
-        f"score={a['score']:.3g} > {a['threshold']:.3g}"
+        # A range alert's score may be under the threshold: it alerted for its range.
+        f"score={a['score']:.3g} "
+        + ("beyond range, threshold " if a.get("beyond_range") else "> ")
+        + f"{a['threshold']:.3g}"
         + (f" (raw {a['raw_score']:.3g})" if a.get("raw_score") is not None else "")
         + f" | {top}"
     )

@@ -100,3 +100,8 @@ def test_tail_prints_the_raw_score_of_a_smoothed_alert() -> None:
         SimpleNamespace(value=json.dumps({**alert, "raw_score": 4.1}).encode()), args
     )
     assert "score=0.52 > 0.5 (raw 4.1) | x=3" in smoothed
+    ranged = _describe(
+        SimpleNamespace(value=json.dumps({**alert, "score": 0.3, "beyond_range": True}).encode()),
+        args,
+    )
+    assert "score=0.3 beyond range, threshold 0.5 | x=3" in ranged
