@@ -129,11 +129,6 @@ class Pipeline:
             model_input, rows = self.state.windows.add(keys, np.asarray(x, dtype=np.float32))
         if not scores_needed:  # a replay for windows (and aggregates): done
             return BatchResult(len(messages), [], dead, np.empty(0), self.threshold.value)
-        # Every valid row widens the range (held-back ones too: they were seen); a replay
-        # re-reads rows the range has seen already.
-        beyond = None
-        if self.ranges is not None and not replay:
-            beyond = self.ranges.check(x)[rows]
         t3 = clock()
         recon = self.scorer.reconstruct(model_input)
         errors = reconstruction_errors(model_input, recon)
@@ -142,6 +137,11 @@ class Pipeline:
             recon = recon[:, -1, :]  # explained against the event's own (last) step
         scores = errors.mean(axis=1) if rows.size else np.empty(0)
         t4 = clock()
+        # Every valid row widens the range (held-back ones too: they were seen); a replay
+        # re-reads rows the range has seen already.
+        beyond = None
+        if self.ranges is not None and not replay:
+            beyond = self.ranges.check(x)[rows]
         judged_against = self.threshold.value
         scored_keys = [keys[i] for i in rows] if self.state.thresholds is not None else []
         if replay:
