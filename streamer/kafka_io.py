@@ -195,6 +195,21 @@ class GroupConsumer(Protocol):
 class Consumer(KafkaConsumer):  # type: ignore[misc]
     """kafka-python's consumer plus the few calls the daemon makes of either client."""
 
+    def subscribe(
+        self, topics: Sequence[str] = (), pattern: str | None = None, listener: Any = None
+    ) -> None:
+        """KafkaConsumer.subscribe, the topics' metadata fetched first.
+
+        kafka-python joins the group as soon as it can, and a leader whose metadata does not
+        list the topic's partitions yet assigns nothing ("No partition metadata for topic")
+        and relies on a rejoin once the metadata arrives (KAFKA-3949; kafka-python refreshes
+        first only for pattern subscriptions). Usually that costs a few seconds; twice in CI
+        a member stayed without partitions for good, each time after that warning.
+        """
+        for topic in topics:
+            self.partitions_for_topic(topic)  # one metadata request where not cached
+        super().subscribe(topics=topics, pattern=pattern, listener=listener)
+
     def poll_raw(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[RawMessage]]:
         polled = self.poll(timeout_ms=timeout_ms, max_records=max_records)
         return {tp: to_raw(records) for tp, records in polled.items()}
