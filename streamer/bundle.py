@@ -8,7 +8,7 @@ A bundle is a directory:
     lstm_weights.npz     an LSTM model's weights as plain arrays, for the numpy runtime
     parity.json          a few scaled rows (LSTM: windows) and Keras's reconstruction of
                          them: whatever runtime serves the bundle must reproduce them
-    scaler.json          StandardScaler fitted on the training features
+    scaler.json          Scaler (standard or robust) fitted on the training features
     feature_spec.json    the FeatureSpec the model was trained with
     threshold.json       held-out reconstruction errors: the threshold's warm start
     drift.json           the training distribution of each scaled feature and of the
@@ -39,7 +39,7 @@ import numpy as np
 
 from streamer.drift import DriftReference
 from streamer.features import FeatureSpec
-from streamer.scaler import StandardScaler
+from streamer.scaler import Scaler
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.keras"
@@ -105,7 +105,7 @@ class Bundle:
     path: Path
     manifest: Manifest
     spec: FeatureSpec
-    scaler: StandardScaler
+    scaler: Scaler
     warm_start: np.ndarray
     # The training distributions (drift.json); None for a bundle written without them.
     drift: DriftReference | None = None
@@ -273,7 +273,7 @@ def load(path: Path, expected_spec: FeatureSpec | None = None) -> Bundle:
 
     try:
         spec = msgspec.json.decode((root / SPEC_FILE).read_bytes(), type=FeatureSpec)
-        scaler = StandardScaler.from_json((root / SCALER_FILE).read_bytes())
+        scaler = Scaler.from_json((root / SCALER_FILE).read_bytes())
         warm = msgspec.json.decode((root / THRESHOLD_FILE).read_bytes(), type=WarmStart)
     except (msgspec.DecodeError, ValueError) as exc:
         raise BundleError(f"{root}: {exc}") from exc

@@ -21,6 +21,7 @@ import msgspec
 
 from streamer.features import FeatureSpec
 from streamer.profiles import BUILTIN
+from streamer.scaler import SCALER_KINDS, ScalerKind
 from streamer.smoothing import SmoothingSettings
 
 ENV_PREFIX = "STREAMER_"
@@ -308,8 +309,16 @@ class TrainingSettings(_Section, frozen=True):
     window_length: int = 30
     # LSTM encoder sizes; the decoder mirrors them ([64, 32] -> 64-32-32-64).
     lstm_units: list[int] = msgspec.field(default_factory=lambda: [64, 32])
+    # "standard": mean and standard deviation; "robust": median and IQR / 1.349, so a few
+    # extreme rows in the history do not set every feature's scale (streamer/scaler.py).
+    scaler: ScalerKind = "standard"
 
     def __post_init__(self) -> None:
+        if self.scaler not in SCALER_KINDS:
+            raise ValueError(
+                f"training.scaler must be one of {', '.join(map(repr, SCALER_KINDS))}, "
+                f"not {self.scaler!r}"
+            )
         if not self.hidden_units or min(self.hidden_units) < 1 or self.bottleneck < 1:
             raise ValueError("training.hidden_units and training.bottleneck must be >= 1")
         if not 0.0 < self.validation_split < 0.5:

@@ -32,7 +32,7 @@ from streamer.records import (
     SourcePosition,
     alert_id,
 )
-from streamer.scaler import StandardScaler
+from streamer.scaler import Scaler
 from streamer.scoring import Scorer, reconstruction_errors
 from streamer.smoothing import SmoothedThreshold
 from streamer.state import EntityState
@@ -63,7 +63,7 @@ class Pipeline:
     def __init__(
         self,
         spec: FeatureSpec,
-        scaler: StandardScaler,
+        scaler: Scaler,
         scorer: Scorer,
         threshold: RollingQuantileThreshold,
         model: ModelRef,

@@ -20,7 +20,7 @@ from streamer.drift import build_reference
 from streamer.features import FeatureSpec
 from streamer.lean import NumpyDenseScorer, NumpyDenseWindowScorer, NumpyLSTMScorer
 from streamer.ranges import training_range
-from streamer.scaler import StandardScaler
+from streamer.scaler import Scaler
 from streamer.scoring import reconstruction_errors
 from streamer.windows import sliding_windows
 from training.datasets import History
@@ -38,7 +38,7 @@ WARM_START_QUANTILES = (0.5, 0.9, 0.99, 0.995, 0.999)
 class _Split:
     """Scaled model inputs, split by `_dense_split` or `_window_split`."""
 
-    scaler: StandardScaler
+    scaler: Scaler
     x_train: np.ndarray
     x_val: np.ndarray  # held out, in event order
     data: dict[str, Any]  # for the manifest's data summary
@@ -211,8 +211,8 @@ def _dense_split(spec: FeatureSpec, history: History, training: TrainingSettings
     order = rng.permutation(n)
     n_val = max(1, int(n * training.validation_split))
     val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
-    scaler = StandardScaler.fit(
-        history.features[train_idx], spec.standardized(), spec.feature_names()
+    scaler = Scaler.fit(
+        history.features[train_idx], spec.standardized(), spec.feature_names(), training.scaler
     )
     x_train = scaler.transform(history.features[train_idx])
     return _Split(
@@ -250,8 +250,8 @@ def _window_split(
     # held-out window's last row: every training window, no held-out one.
     n_val = max(1, int(m * training.validation_split))
     boundary = int(ends[m - n_val])
-    scaler = StandardScaler.fit(
-        history.features[:boundary], spec.standardized(), spec.feature_names()
+    scaler = Scaler.fit(
+        history.features[:boundary], spec.standardized(), spec.feature_names(), training.scaler
     )
     scaled = scaler.transform(history.features)
     windows, _ = sliding_windows(history.keys, scaled, length)

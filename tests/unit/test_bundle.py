@@ -198,3 +198,21 @@ def test_training_range_is_in_the_warm_start_and_checked_at_load(
         bundles.load(path)
     rewrite(feature_low=None, feature_high=None)  # a bundle written before the range
     assert bundles.load(path).feature_range is None
+
+
+def test_robust_scaler_bundle_scales_as_it_was_trained(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (2000, len(SENSORS.feature_names())))
+    x[:40] *= 200.0  # an incident left in the history
+    history = History(x, np.arange(2000.0), 0, keys=[f"s{i % 4}" for i in range(2000)])
+    settings = TrainingSettings(scaler="robust", epochs=2, window_length=4, model="lstm")
+    b = fit_bundle(SENSORS, history, settings, tmp_path / "registry", source="robust")
+    assert b.scaler.kind == "robust"
+    assert b.manifest.training["settings"]["scaler"] == "robust"
+    scaled = b.scaler.transform(x[40:])
+    standardized = SENSORS.standardized()
+    # The incident sets neither the centre nor the spread of the other rows.
+    assert np.abs(np.median(scaled[:, standardized], axis=0)).max() < 0.1
+    assert np.abs(scaled[:, standardized].std(axis=0) - 1).max() < 0.1
+    again = bundles.load(tmp_path / "registry", expected_spec=SENSORS)
+    assert again.scaler == b.scaler

@@ -1,31 +1,67 @@
+import msgspec
 import numpy as np
 import pytest
 
-from streamer.scaler import StandardScaler
+from streamer.config import TrainingSettings
+from streamer.scaler import Scaler
 from streamer.threshold import EntityThresholds, RollingQuantileThreshold
 
 
 def test_scaler_round_trip_and_pass_through() -> None:
     rng = np.random.default_rng(0)
     x = np.column_stack([rng.normal(10, 3, 1000), rng.integers(0, 2, 1000), np.full(1000, 5.0)])
-    s = StandardScaler.fit(x, np.array([True, False, True]), ["a", "b", "c"])
+    s = Scaler.fit(x, np.array([True, False, True]), ["a", "b", "c"])
     z = s.transform(x)
     assert z.dtype == np.float32
     assert abs(z[:, 0].mean()) < 1e-5 and abs(z[:, 0].std() - 1) < 1e-4
     np.testing.assert_array_equal(z[:, 1], x[:, 1])  # one-hot style column untouched
     np.testing.assert_allclose(z[:, 2], 0.0)  # constant column: centred, not divided by 0
-    again = StandardScaler.from_json(s.to_json())
+    again = Scaler.from_json(s.to_json())
     assert again == s
     np.testing.assert_allclose(again.inverse_transform(z), x, rtol=1e-5, atol=1e-5)
 
 
 def test_scaler_refuses_bad_files() -> None:
     with pytest.raises(ValueError, match="positive"):
-        StandardScaler(np.zeros(2), np.array([1.0, 0.0]))
+        Scaler(np.zeros(2), np.array([1.0, 0.0]))
     with pytest.raises(ValueError, match="length"):
-        StandardScaler.from_json(
-            b'{"kind":"standard","feature_names":["a"],"mean":[0,0],"scale":[1,1]}'
-        )
+        Scaler.from_json(b'{"kind":"standard","feature_names":["a"],"mean":[0,0],"scale":[1,1]}')
+    with pytest.raises(ValueError, match="kind"):
+        Scaler.from_json(b'{"kind":"minmax","feature_names":["a"],"mean":[0],"scale":[1]}')
+    with pytest.raises(ValueError, match="unknown field `mean`"):  # robust: "median"
+        Scaler.from_json(b'{"kind":"robust","feature_names":["a"],"mean":[0],"scale":[1]}')
+
+
+def test_standard_scaler_file_layout_is_unchanged() -> None:
+    # Bundles written before "robust" existed must load, and new standard ones must load in
+    # daemons from before it.
+    s = Scaler.fit(np.array([[1.0], [3.0]]), np.array([True]), ["a"])
+    assert msgspec.json.decode(s.to_json()) == {
+        "kind": "standard", "feature_names": ["a"], "mean": [2.0], "scale": [1.0]
+    }  # fmt: skip
+
+
+def test_robust_scaler_ignores_outliers_in_the_history() -> None:
+    rng = np.random.default_rng(1)
+    clean = rng.normal(10, 2, 10_000)
+    dirty = np.concatenate([clean, np.full(200, 500.0)])  # 2% of rows from an incident
+    x = np.column_stack([dirty, np.r_[np.zeros(9_000), np.ones(1_200)]])  # mostly-zero count
+    robust = Scaler.fit(x, np.array([True, True]), ["v", "n"], kind="robust")
+    standard = Scaler.fit(x, np.array([True, True]), ["v", "n"])
+    assert robust.center[0] == pytest.approx(10, abs=0.1)
+    assert robust.scale[0] == pytest.approx(2, rel=0.05)  # IQR / 1.349 ~ the clean std
+    assert standard.scale[0] > 30  # the incident sets the standard scale
+    # No IQR (over half the rows are 0): the standard deviation, not a division by zero.
+    assert robust.scale[1] == pytest.approx(x[:, 1].std())
+    assert robust.center[1] == 0.0
+    again = Scaler.from_json(robust.to_json())
+    assert again == robust and again.kind == "robust" and again != standard
+    np.testing.assert_allclose(again.inverse_transform(robust.transform(x)), x, rtol=1e-5)
+
+
+def test_training_settings_name_a_bad_scaler() -> None:
+    with pytest.raises(ValueError, match=r"training\.scaler"):
+        TrainingSettings(scaler="minmax")  # type: ignore[arg-type]
 
 
 def test_min_samples_and_warm_start() -> None:
