@@ -8,6 +8,7 @@ month. Training and the features are the evaluator's own (`training.evaluate.fea
 per feature. Results and what they decided are in docs/QUALITY.md.
 
     python eval/explore/ulb_june.py --seed 0
+    python eval/explore/ulb_june.py --seed 0 --scaler robust --only-daemon
 
 Prints recall at a 1% alert rate over June, overall and per fraud scenario, for each variant.
 """
@@ -97,9 +98,16 @@ def _per_entity(keys: np.ndarray, scores: np.ndarray, start: int, size: int = 10
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)
-    seed = ap.parse_args().seed
+    ap.add_argument("--scaler", choices=["standard", "robust"], default=None,
+                    help="override training.scaler (the config's: standard)")  # fmt: skip
+    ap.add_argument("--only-daemon", action="store_true",
+                    help="the daemon's score only, no variants (1 training, not 6)")  # fmt: skip
+    args = ap.parse_args()
+    seed = args.seed
     cfg = load_config(CONFIG)
-    training = msgspec.structs.replace(cfg.training, seed=seed)
+    training = msgspec.structs.replace(
+        cfg.training, seed=seed, scaler=args.scaler or cfg.training.scaler
+    )
     [s] = load(msgspec.structs.replace(cfg.data, split=SplitSettings(train_until=TRAIN_UNTIL)))
     n0, end = s.n_train, int(np.searchsorted(s.seconds, JUNE_END))
     h = features(cfg.features, s, 0, s.n, cfg.replay.label_delay_seconds)
@@ -113,7 +121,7 @@ def main() -> None:
         err_t = reconstruction_errors(xt, scorer.reconstruct(xt.astype(np.float32)))
         err = reconstruction_errors(x, scorer.reconstruct(x.astype(np.float32)))
     y, classes, names = s.labels[n0:end], s.classes[n0:end], cfg.features.feature_names()
-    print(f"seed {seed}: June rows {y.size}, frauds by scenario "
+    print(f"seed {seed}, scaler {training.scaler}: June rows {y.size}, frauds by scenario "
           f"{ {c: int(((y == 1) & (classes == c)).sum()) for c in (1, 2, 3)} }")  # fmt: skip
     _table("mean squared error (the daemon's score)", y, classes, err.mean(1))
     # What fills the top 1% instead: the share of genuine top rows' error in each feature.
@@ -123,6 +131,8 @@ def main() -> None:
     worst = np.argsort(-share)[:4]
     print("  genuine rows in the top 1%, share of their error: "
           + ", ".join(f"{names[j]} {share[j]:.3f}" for j in worst))  # fmt: skip
+    if args.only_daemon:
+        return
     mu, q99 = err_t.mean(0), np.quantile(err_t, 0.99, axis=0)
     z = err / np.maximum(mu, 1e-12)
     _table("errors / training mean per feature, mean", y, classes, z.mean(1))
