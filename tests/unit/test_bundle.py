@@ -216,3 +216,26 @@ def test_robust_scaler_bundle_scales_as_it_was_trained(tmp_path: Path) -> None:
     assert np.abs(scaled[:, standardized].std(axis=0) - 1).max() < 0.1
     again = bundles.load(tmp_path / "registry", expected_spec=SENSORS)
     assert again.scaler == b.scaler
+
+
+def test_parity_is_checked_relative_to_the_values(
+    orders_bundle: bundles.Bundle, tmp_path: Path
+) -> None:
+    path = copy_bundle(orders_bundle, tmp_path)
+    parity = msgspec.json.decode((path / bundles.PARITY_FILE).read_bytes())
+    want = np.array(parity["reconstructed"])
+    assert np.abs(want).max() < 50  # so 0.01 is above 1e-4 of any value in the check
+
+    def rewrite(reconstructed: np.ndarray) -> None:
+        parity["reconstructed"] = reconstructed.tolist()
+        (path / bundles.PARITY_FILE).write_bytes(msgspec.json.encode(parity))
+        m = msgspec.json.decode((path / bundles.MANIFEST_FILE).read_bytes())
+        keep = {k: v for k, v in m.items() if k not in ("format_version", "version", "files")}
+        bundles.write_manifest(path, **keep)
+
+    rewrite(want + 0.01)  # a runtime that computes something else
+    for runtime in ("numpy", "keras"):
+        with pytest.raises(bundles.BundleError, match=r"parity\.json: the \w+ runtime differs"):
+            bundles.load(path).load_scorer(runtime)
+    rewrite(want)
+    bundles.load(path).load_scorer("numpy")
