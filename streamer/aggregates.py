@@ -114,11 +114,11 @@ class _Entity:
 
 
 # The plan for one key field: (key field, [(offset, cap)] per SincePrevious column,
-# [(series index, field, windows, slots)] per Rolling column, [(counts index, delay hours,
-# window hours, slots)] per LabelRate column), where slots[i] lists the (stat index, output
-# offset) pairs of window i.
+# [(series index, field, windows, slots, medians wanted)] per Rolling column, [(counts index,
+# delay hours, window hours, slots)] per LabelRate column), where slots[i] lists the (stat
+# index, output offset) pairs of window i.
 _Slots = tuple[tuple[int, int], ...]
-_Roll = tuple[int, str, tuple[float, ...], list[_Slots]]
+_Roll = tuple[int, str, tuple[float, ...], list[_Slots], bool]
 _Rate = tuple[int, int, tuple[int, ...], list[_Slots]]
 _Group = tuple[str, list[tuple[int, float]], list[_Roll], list[_Rate]]
 
@@ -173,7 +173,8 @@ class AggregateState:
                     tuple((STATS.index(s), self._width + k) for k, s in enumerate(col.stats))
                 )
                 self._width += len(col.stats)
-            group[2].append((len(group[2]), col.field, tuple(col.windows_seconds), slots))
+            medians = "median" in col.stats or "median_ratio" in col.stats
+            group[2].append((len(group[2]), col.field, tuple(col.windows_seconds), slots, medians))
             self.horizon = max(self.horizon, *col.windows_seconds)
         self._groups = list(groups.values())
 
@@ -247,7 +248,7 @@ class AggregateState:
                 entity.last = tk
                 for offset, cap in since:
                     out[base + offset] = log1p(gap if gap < cap else cap)
-                for index, field, windows, slots in rolls:
+                for index, field, windows, slots, medians in rolls:
                     x = getattr(event, field)
                     s = entity.series[index]
                     times, values = s.times, s.values
@@ -283,7 +284,12 @@ class AggregateState:
                             ratio = x / mean if abs(mean) > 1e-12 else 1.0
                         else:
                             mean, std, ratio = x, 0.0, 1.0
-                        stat = (float(count), mean, std, ratio)
+                        if medians:
+                            median = _median(values, h, end) if count else x
+                            m_ratio = x / median if abs(median) > 1e-12 else 1.0
+                        else:
+                            median = m_ratio = math.nan
+                        stat = (float(count), mean, std, ratio, median, m_ratio)
                         for j, offset in slots[i]:
                             out[base + offset] = stat[j]
                     if abs(x) <= _MAX_ABS:  # False for NaN and inf too
@@ -373,11 +379,18 @@ class AggregateState:
 
 
 def _fresh(rolls: list[_Roll]) -> list[_Series]:
-    return [_Series(len(windows)) for _, _, windows, _ in rolls]
+    return [_Series(len(roll[2])) for roll in rolls]
 
 
 def _counted(rates: list[_Rate]) -> list[_Counts]:
     return [_Counts(len(hours)) for _, _, hours, _ in rates]
+
+
+def _median(values: array[float], head: int, end: int) -> float:
+    """The median of values[head:end] (not empty)."""
+    v = sorted(values[head:end])
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
 def _recentre(values: array[float], head: int, end: int) -> tuple[int, float, float, float]:

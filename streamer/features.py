@@ -30,8 +30,11 @@ if TYPE_CHECKING:  # aggregates imports this module; the state is only named in 
     from streamer.aggregates import AggregateState
 
 TimeFormat = Literal["iso8601", "epoch_ms", "epoch_s"]
-Stat = Literal["count", "mean", "std", "ratio"]
-STATS: tuple[Stat, ...] = ("count", "mean", "std", "ratio")
+Stat = Literal["count", "mean", "std", "ratio", "median", "median_ratio"]
+STATS: tuple[Stat, ...] = ("count", "mean", "std", "ratio", "median", "median_ratio")
+# A Rolling column without `stats` gets these (not the medians: specs written before the
+# medians existed must keep their feature names).
+DEFAULT_STATS: tuple[Stat, ...] = ("count", "mean", "std", "ratio")
 LabelStat = Literal["count", "confirmed", "rate"]
 LABEL_STATS: tuple[LabelStat, ...] = ("count", "confirmed", "rate")
 _HOUR = 3600.0  # streamer.labels.BUCKET_SECONDS (not imported: labels must not need this module)
@@ -86,7 +89,13 @@ class Rolling(_Column, tag="rolling", frozen=True):
     - count: how many there are;
     - mean: their mean of `field`; with none, the event's own value (so nothing looks odd);
     - std: their population standard deviation, 0 when count < 2;
-    - ratio: value / mean when |mean| > 1e-12, else 1.0.
+    - ratio: value / mean when |mean| > 1e-12, else 1.0;
+    - median: their median; with none, the event's own value. A burst of unusual values
+      (a leaked card's large amounts) pulls it far less than the mean, so the ratio below
+      keeps showing the burst against the entity's usual values;
+    - median_ratio: value / median when |median| > 1e-12, else 1.0.
+    The medians cost a sort of the window's values per event (O(n log n), n its count);
+    the other stats are O(1). Not in the default `stats`.
     Then the event itself joins the state. This is exact when each key's events arrive in
     event-time order (Kafka partitions keyed by entity); see `streamer.aggregates` for late
     events. `key` names the entity field; None means the spec's `entity_field`.
@@ -94,7 +103,7 @@ class Rolling(_Column, tag="rolling", frozen=True):
 
     field: str
     windows_seconds: list[float]
-    stats: list[Stat] = msgspec.field(default_factory=lambda: list(STATS))
+    stats: list[Stat] = msgspec.field(default_factory=lambda: list(DEFAULT_STATS))
     key: str | None = None
 
     def __post_init__(self) -> None:

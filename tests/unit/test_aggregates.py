@@ -26,7 +26,12 @@ SPEC = FeatureSpec(
     columns=[
         Rolling(field="amount", windows_seconds=WINDOWS),
         SincePrevious(cap_seconds=CAP),
-        Rolling(field="qty", windows_seconds=[30.0], stats=["mean", "count"], key="shop"),
+        Rolling(
+            field="qty",
+            windows_seconds=[30.0],
+            key="shop",
+            stats=["mean", "count", "median", "median_ratio"],
+        ),
         SincePrevious(key="shop", cap_seconds=60.0),
     ],
 )
@@ -47,7 +52,10 @@ def brute_force(events: list) -> np.ndarray:
             and abs(getattr(p, field)) <= 1e150
         ]
         mean = float(np.mean(seen)) if seen else value
+        median = float(np.median(seen)) if seen else value
         got = {
+            "median": median,
+            "median_ratio": value / median if abs(median) > 1e-12 else 1.0,
             "count": float(len(seen)),
             "mean": mean,
             "std": float(np.std(seen)) if len(seen) >= 2 else 0.0,
@@ -66,7 +74,7 @@ def brute_force(events: list) -> np.ndarray:
         for w in WINDOWS:
             row += rolling(i, "user", "amount", w, ["count", "mean", "std", "ratio"])
         row.append(since(i, "user", CAP))
-        row += rolling(i, "shop", "qty", 30.0, ["mean", "count"])
+        row += rolling(i, "shop", "qty", 30.0, ["mean", "count", "median", "median_ratio"])
         row.append(since(i, "shop", 60.0))
         rows.append(row)
     return np.array(rows).reshape(len(events), len(SPEC.feature_names()))
@@ -136,7 +144,12 @@ def test_names_round_trip_and_event_type() -> None:
         "user.ratio(amount,1m)", "user.count(amount,90s)",
     ]  # fmt: skip
     assert names[8:13] == ["user.count(amount,1h)", *names[9:12], "user.since_previous"]
-    assert names[13:] == ["shop.mean(qty,30s)", "shop.count(qty,30s)", "shop.since_previous"]
+    assert names[13:] == [
+        "shop.mean(qty,30s)", "shop.count(qty,30s)", "shop.median(qty,30s)",
+        "shop.median_ratio(qty,30s)", "shop.since_previous",
+    ]  # fmt: skip
+    # Without `stats`, the four that existed before the medians: old specs keep their names.
+    assert Rolling(field="x", windows_seconds=[60.0]).stats == ["count", "mean", "std", "ratio"]
     assert SPEC.unit_names() == names
     assert SPEC.standardized().all() and SPEC.standardized().size == len(names)
     week = Rolling(field="x", windows_seconds=[300, 86400, 604800, 1.5, 100000], stats=["mean"])
@@ -268,4 +281,4 @@ def test_build_features_needs_the_state_of_its_spec() -> None:
     other = FeatureSpec("p", "user", "ts", [SincePrevious()], time_format="epoch_s")
     with pytest.raises(ValueError, match="different feature spec"):
         build_features(SPEC, events, AggregateState(other))
-    assert build_features(SPEC, [], AggregateState(SPEC)).shape == (0, 16)
+    assert build_features(SPEC, [], AggregateState(SPEC)).shape == (0, 18)
