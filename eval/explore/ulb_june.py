@@ -98,13 +98,14 @@ def _per_entity(keys: np.ndarray, scores: np.ndarray, start: int, size: int = 10
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", default=CONFIG, help=f"evaluator config ({CONFIG})")
     ap.add_argument("--scaler", choices=["standard", "robust"], default=None,
                     help="override training.scaler (the config's: standard)")  # fmt: skip
     ap.add_argument("--only-daemon", action="store_true",
                     help="the daemon's score only, no variants (1 training, not 6)")  # fmt: skip
     args = ap.parse_args()
     seed = args.seed
-    cfg = load_config(CONFIG)
+    cfg = load_config(args.config)
     training = msgspec.structs.replace(
         cfg.training, seed=seed, scaler=args.scaler or cfg.training.scaler
     )
@@ -121,8 +122,9 @@ def main() -> None:
         err_t = reconstruction_errors(xt, scorer.reconstruct(xt.astype(np.float32)))
         err = reconstruction_errors(x, scorer.reconstruct(x.astype(np.float32)))
     y, classes, names = s.labels[n0:end], s.classes[n0:end], cfg.features.feature_names()
-    print(f"seed {seed}, scaler {training.scaler}: June rows {y.size}, frauds by scenario "
-          f"{ {c: int(((y == 1) & (classes == c)).sum()) for c in (1, 2, 3)} }")  # fmt: skip
+    frauds = {c: int(((y == 1) & (classes == c)).sum()) for c in (1, 2, 3)}
+    print(f"{args.config}, seed {seed}, scaler {training.scaler}: June rows {y.size}, "
+          f"frauds by scenario {frauds}")  # fmt: skip
     _table("mean squared error (the daemon's score)", y, classes, err.mean(1))
     # What fills the top 1% instead: the share of genuine top rows' error in each feature.
     top = np.argsort(-err.mean(1), kind="stable")[: round(0.01 * y.size)]
@@ -131,6 +133,10 @@ def main() -> None:
     worst = np.argsort(-share)[:4]
     print("  genuine rows in the top 1%, share of their error: "
           + ", ".join(f"{names[j]} {share[j]:.3f}" for j in worst))  # fmt: skip
+    for j, name in enumerate(names):
+        if name in ("log1p(tx_amount)", "customer_id.ratio(tx_amount,30d)",
+                    "customer_id.median_ratio(tx_amount,30d)"):  # fmt: skip
+            _table(f"one feature as the score: {name}", y, classes, raw[:, j])
     if args.only_daemon:
         return
     mu, q99 = err_t.mean(0), np.quantile(err_t, 0.99, axis=0)
@@ -164,8 +170,6 @@ def main() -> None:
     xt2[:, ratio], x2[:, ratio] = (lt[:, ratio] - m) / sd, (lx[:, ratio] - m) / sd
     e = _fit(xt2, x2, training.bottleneck, seed, training)
     _table("log of the amount ratios", y, classes, e.mean(1))
-    for j in (names.index("customer_id.ratio(tx_amount,30d)"), names.index("log1p(tx_amount)")):
-        _table(f"one feature as the score: {names[j]}", y, classes, raw[:, j])
 
 
 if __name__ == "__main__":
