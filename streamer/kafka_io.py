@@ -310,6 +310,44 @@ def next_offsets(messages: Sequence[RawMessage]) -> dict[TopicPartition, OffsetA
     return {tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in last.items()}
 
 
+def read_topic(
+    bootstrap: str, topic: str, timeout_seconds: float = 60.0, read_committed: bool = False
+) -> list[Any]:
+    """Every record of `topic`, from the beginning up to its end when called (outside any
+    group: nothing committed). The broker check and the tests read alert topics with it.
+
+    Raises KafkaTimeoutError when the end is not reached within `timeout_seconds`.
+    """
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        isolation_level="read_committed" if read_committed else "read_uncommitted",
+    )
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        records: list[Any] = []
+        deadline = idle_since = time.monotonic()
+        deadline += timeout_seconds
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(f"could not read {topic} to its end in {timeout_seconds}s")
+            polled = consumer.poll(timeout_ms=500)
+            for batch in polled.values():
+                records.extend(batch)
+            if polled:
+                idle_since = time.monotonic()
+            elif read_committed and time.monotonic() - idle_since > 5.0:
+                break  # a transaction marker can sit at the end, past the last record
+        return records
+    finally:
+        consumer.close()
+
+
 def read_tails(
     kafka: KafkaSettings, ends: dict[TopicPartition, int], count: int, timeout_seconds: float
 ) -> dict[TopicPartition, list[RawMessage]]:

@@ -440,27 +440,14 @@ def _tail(path: Path, chars: int = 3000) -> str:
 
 def _read(bootstrap: str, topic: str, timeout_seconds: float) -> list[Any]:
     """Every record of `topic` up to its current end."""
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaTimeoutError
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    from streamer.kafka_io import read_topic
+
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        records: list[Any] = []
-        deadline = time.monotonic() + timeout_seconds
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            if time.monotonic() > deadline:
-                raise BrokerCheckError(f"could not read {topic} to its end")
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-        return records
-    finally:
-        consumer.close()
+        return read_topic(bootstrap, topic, timeout_seconds)
+    except KafkaTimeoutError as exc:
+        raise BrokerCheckError(str(exc)) from exc
 
 
 def _read_alerts(bootstrap: str, topic: str, timeout_seconds: float) -> list[Any]:

@@ -19,6 +19,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
+from streamer.kafka_io import read_topic  # noqa: F401  (the tests import it from here)
 from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.integration
@@ -209,41 +210,6 @@ def produce(
         producer.send(topic, key=keys[i] if keys else None, value=v)
     producer.flush()
     producer.close()
-
-
-def read_topic(
-    bootstrap: str, topic: str, timeout: float = 60.0, read_committed: bool = False
-) -> list[Any]:
-    """Every record of `topic`, read from the beginning up to its current end."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        isolation_level="read_committed" if read_committed else "read_uncommitted",
-    )
-    try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        records: list[Any] = []
-        deadline = time.monotonic() + timeout
-        idle_since = time.monotonic()
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"could not read {topic} to its end in {timeout}s")
-            polled = consumer.poll(timeout_ms=500)
-            for batch in polled.values():
-                records.extend(batch)
-            if polled:
-                idle_since = time.monotonic()
-            elif read_committed and time.monotonic() - idle_since > 5.0:
-                break  # a transaction marker can sit at the end, past the last record
-        return records
-    finally:
-        consumer.close()
 
 
 def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
