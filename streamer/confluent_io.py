@@ -112,6 +112,26 @@ def translate(exc: ck.KafkaException, what: str) -> KafkaError:
     return KafkaError(text)
 
 
+def group_state(stats: dict[str, Any]) -> tuple[str, str]:
+    """(the consumer group's state, its coordinator connection's state) from one librdkafka
+    statistics report. Readiness asks for both: the group "up" and the connection to its
+    coordinator (librdkafka's logical "GroupCoordinator" broker) "UP", which changes as soon
+    as that socket fails. A report without that broker leaves the group's state alone.
+
+    >>> group_state({"cgrp": {"state": "up"}, "brokers": {
+    ...     "GroupCoordinator": {"source": "logical", "state": "TRY_CONNECT"},
+    ...     "127.0.0.1:9092/1": {"source": "learned", "state": "UP"}}})
+    ('up', 'TRY_CONNECT')
+    >>> group_state({"cgrp": {"state": "up"}, "brokers": {}})
+    ('up', 'UP')
+    >>> group_state({})
+    ('unknown', 'UP')
+    """
+    state = stats.get("cgrp", {}).get("state", "unknown")
+    coordinator = stats.get("brokers", {}).get("GroupCoordinator", {"state": "UP"})
+    return state, str(coordinator.get("state", "unknown"))
+
+
 def _tp(tp: ck.TopicPartition) -> TopicPartition:
     return TopicPartition(tp.topic, tp.partition)
 
@@ -130,7 +150,8 @@ class Consumer:
     def __init__(self, kafka: KafkaSettings) -> None:
         self._kafka = kafka
         self._log = LibraryLog("consumer")
-        self._group_state: tuple[str, float] = ("init", time.monotonic())
+        # (the group's state, its coordinator connection's state, when librdkafka said so)
+        self._group_state: tuple[str, str, float] = ("init", "INIT", time.monotonic())
         conf = {
             **common_config(kafka),
             "group.id": kafka.group_id,
@@ -157,8 +178,7 @@ class Consumer:
     # -- callbacks, served inside consume() --------------------------------------------------
 
     def _on_stats(self, text: str) -> None:
-        state = json.loads(text).get("cgrp", {}).get("state", "unknown")
-        self._group_state = (state, time.monotonic())
+        self._group_state = (*group_state(json.loads(text)), time.monotonic())
 
     # -- group -------------------------------------------------------------------------------
 
@@ -181,9 +201,10 @@ class Consumer:
         return self._c.consumer_group_metadata()
 
     def coordinator_in_touch(self, within_seconds: float = 10.0) -> bool:
-        """True while librdkafka's last report (every second) says the group is up."""
-        state, at = self._group_state
-        return state == "up" and time.monotonic() - at < within_seconds
+        """True while librdkafka's last report (every second) says the group is up and
+        its connection to the coordinator is too."""
+        state, coordinator, at = self._group_state
+        return state == "up" and coordinator == "UP" and time.monotonic() - at < within_seconds
 
     def topics(self) -> set[str]:
         try:
