@@ -331,8 +331,8 @@ def read_topic(
         consumer.seek_to_beginning(*tps)
         end = consumer.end_offsets(tps)
         records: list[Any] = []
-        deadline = idle_since = time.monotonic()
-        deadline += timeout_seconds
+        idle_since = time.monotonic()
+        deadline = idle_since + timeout_seconds
         while any(consumer.position(tp) < end[tp] for tp in tps):
             if time.monotonic() > deadline:
                 raise KafkaTimeoutError(f"could not read {topic} to its end in {timeout_seconds}s")
