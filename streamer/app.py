@@ -9,6 +9,7 @@ input topic at start; another instance taking its transactional id).
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -51,6 +52,10 @@ Polled = dict[TopicPartition, list[RawMessage]]  # one poll, by partition
 CHECK_SECONDS = 1.0  # lag and broker-contact checks
 METADATA_REFRESH_SECONDS = 5.0  # while no partition is assigned
 STUCK_SECONDS = 45.0  # unassigned and unheard by the coordinator this long: a new consumer
+# /readyz and anomaly_ready turn 0 when the loop has not confirmed Kafka contact for this
+# long: a delivery blocked on a broker that went away (flush waits up to
+# kafka.delivery_timeout_seconds) stops the checks, not the last answer they gave.
+READY_FRESH_SECONDS = 10.0
 STATUS_LOG_SECONDS = 10.0
 BACKOFF_START_SECONDS = 0.5
 
@@ -137,6 +142,8 @@ class Detector:
         self.should_exit = False
         self._ready = False
         self._broker_ok = False
+        self._checked_at = -math.inf  # when _check last judged Kafka contact (monotonic)
+        self.metrics.ready.set_function(lambda: 1.0 if self.is_ready() else 0.0)
         self._buffer: list[RawMessage] = []
         self._consumer: kafka_io.GroupConsumer | None = None
         self._outbox: Outbox | None = None
@@ -404,7 +411,8 @@ class Detector:
         return self._server.port
 
     def is_ready(self) -> bool:
-        return self._ready and self._broker_ok and not self.should_exit
+        fresh = time.monotonic() - self._checked_at < READY_FRESH_SECONDS
+        return self._ready and self._broker_ok and fresh and not self.should_exit
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._handle_signal)
@@ -745,11 +753,11 @@ class Detector:
         if in_touch != self._broker_ok:
             log.info("Kafka %s", "reachable" if in_touch else "unreachable: waiting for it")
         self._broker_ok = in_touch
+        self._checked_at = now
         self._set_ready(in_touch)
 
     def _set_ready(self, ready: bool) -> None:
-        self._ready = ready
-        self.metrics.ready.set(1 if self.is_ready() else 0)
+        self._ready = ready  # the anomaly_ready gauge reads is_ready() when scraped
 
     def _log_status(self) -> None:
         assert self._pipeline is not None

@@ -186,12 +186,16 @@ def test_broker_restart_mid_stream_loses_nothing(
         producer.flush()
 
     own_broker.stop()
-    rest = threading.Thread(target=send_rest)
+    rest = threading.Thread(target=send_rest, daemon=True)
     rest.start()  # kafka-python buffers and retries until the broker is back
-    time.sleep(8)
-    assert daemon.proc.poll() is None, "the daemon must ride through the outage"
-    wait_until(lambda: _status(daemon, "/readyz") == 503, 30, "/readyz to report the outage")
-    own_broker.start()  # returns once the broker serves again
+    try:
+        time.sleep(8)
+        assert daemon.proc.poll() is None, "the daemon must ride through the outage"
+        wait_until(lambda: _status(daemon, "/readyz") == 503, 30, "/readyz to report the outage")
+    finally:
+        # Back even when the outage checks fail: the module's later tests need the broker,
+        # and send_rest must not fail inside one of them.
+        own_broker.start()  # returns once the broker serves again
     back = time.monotonic()
     # librdkafka ends a session its coordinator has not answered for session_timeout_ms
     # (10 s, shorter than this outage) and rejoins as a new member, whom the broker admits

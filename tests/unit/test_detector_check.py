@@ -62,3 +62,19 @@ def test_only_a_member_stuck_outside_its_group_is_replaced(
     detector._next_metadata = 0.0
     detector._check(consumer, polled_any=False)  # type: ignore[arg-type]
     assert bool(calls) is replaced
+
+
+def test_readiness_expires_when_the_loop_stops_checking() -> None:
+    # A delivery blocked on a broker that went away (flush waits up to
+    # kafka.delivery_timeout_seconds) stops the checks; /readyz must not keep their last answer.
+    detector = app.Detector(SETTINGS)
+    ready = detector.registry.get_sample_value
+    assert not detector.is_ready() and ready("anomaly_ready") == 0.0  # never checked yet
+    detector._check(FakeConsumer(True, True, True), polled_any=False)  # type: ignore[arg-type]
+    assert detector.is_ready() and ready("anomaly_ready") == 1.0
+    detector._checked_at -= app.READY_FRESH_SECONDS  # the loop has been away since
+    assert not detector.is_ready() and ready("anomaly_ready") == 0.0
+    detector._check(FakeConsumer(True, True, True), polled_any=False)  # type: ignore[arg-type]
+    assert detector.is_ready()
+    detector._check(FakeConsumer(True, False, True), polled_any=False)  # type: ignore[arg-type]
+    assert not detector.is_ready()  # checked just now, and out of touch
