@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from streamer import config as config_mod
+from tests.bench_scripts import load_bench
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_e2e() -> ModuleType:
-    # bench/ is not a package: the scripts import each other as top-level modules.
-    spec = importlib.util.spec_from_file_location("e2e", ROOT / "bench" / "e2e.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("e2e", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-e2e = _load_e2e()
+e2e = load_bench("e2e")
 
 
 def test_held_back_count_is_the_first_length_minus_one_rows_of_each_entity() -> None:

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench_scripts import load_bench
 
 
 def test_the_scorer_bench_checks_parity_and_prints_its_table(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    spec = importlib.util.spec_from_file_location("bench_scorers", ROOT / "bench" / "scorers.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_scorers"] = bench
-    spec.loader.exec_module(bench)
+    bench = load_bench("scorers")
     args = ["--features", "3", "--window", "4", "--batches", "1,8", "--events", "16"]
     # Exits 1 if a numpy scorer does not rebuild Keras's output.
     assert bench.main([*args, "--repeats", "1", "--min-seconds", "0"]) == 0

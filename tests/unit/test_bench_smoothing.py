@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench_scripts import load_bench
 
 
 def test_the_smoothing_bench_prints_its_table(capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "bench_smoothing", ROOT / "bench" / "smoothing.py"
-    )
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_smoothing"] = bench
-    spec.loader.exec_module(bench)
+    bench = load_bench("smoothing")
     # Exits 1 if a candidate alerts differently from its per-row loop reference.
     assert (
         bench.main(

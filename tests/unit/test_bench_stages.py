@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench_scripts import load_bench
 
-
-def _load(name: str) -> ModuleType:
-    # bench/ is not a package: the scripts import each other as top-level modules.
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_load("e2e")  # stages.py imports it by name
-stages = _load("stages")
+load_bench("e2e")  # stages.py imports it by name
+stages = load_bench("stages")
 
 
 def test_a_cost_that_falls_with_batch_size_falls() -> None:
