@@ -59,7 +59,9 @@ class RangeGuard:
         return np.asarray(beyond.any(axis=1))
 
 
-def training_range(rows: np.ndarray) -> tuple[list[float], list[float]]:
-    """Each feature's min and max over scaled training rows (n, d): the guard's start."""
-    rows = np.asarray(rows, dtype=np.float64)
-    return rows.min(axis=0).tolist(), rows.max(axis=0).tolist()
+def training_range(*parts: np.ndarray) -> tuple[list[float], list[float]]:
+    """Each feature's min and max over scaled training rows, given as one or more (n, d)
+    arrays (a split's parts, without joining them): the guard's start."""
+    low = np.min([np.asarray(p, dtype=np.float64).min(axis=0) for p in parts], axis=0)
+    high = np.max([np.asarray(p, dtype=np.float64).max(axis=0) for p in parts], axis=0)
+    return low.tolist(), high.tolist()

@@ -43,6 +43,8 @@ class _Split:
     x_val: np.ndarray  # held out, in event order
     data: dict[str, Any]  # for the manifest's data summary
     rows_train: np.ndarray  # the scaled training rows (n, d): the drift reference's features
+    # Each scaled feature's (min, max) over every history row: the range rule's start.
+    feature_range: tuple[list[float], list[float]]
 
 
 def fit_bundle(
@@ -146,7 +148,7 @@ def fit_bundle(
         (staging / bundles.PARITY_FILE).write_bytes(msgspec.json.encode(parity))
         (staging / bundles.SCALER_FILE).write_bytes(split.scaler.to_json())
         (staging / bundles.SPEC_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(spec)))
-        low, high = training_range(split.scaler.transform(history.features))
+        low, high = split.feature_range
         warm = bundles.WarmStart(
             errors=val_scores.tolist(), quantiles=quantiles, feature_low=low, feature_high=high
         )
@@ -215,12 +217,14 @@ def _dense_split(spec: FeatureSpec, history: History, training: TrainingSettings
         history.features[train_idx], spec.standardized(), spec.feature_names(), training.scaler
     )
     x_train = scaler.transform(history.features[train_idx])
+    x_val = scaler.transform(history.features[val_idx])
     return _Split(
         scaler,
         x_train,
-        scaler.transform(history.features[val_idx]),
+        x_val,
         _data_summary(history, n_train=train_idx.size, n_val=n_val),
         rows_train=x_train,
+        feature_range=training_range(x_train, x_val),  # together, every history row
     )
 
 
@@ -258,7 +262,10 @@ def _window_split(
     data = _data_summary(history, n_train=boundary, n_val=n - boundary)
     data["windows"] = {"length": length, "train": m - n_val, "validation": n_val}
     # The daemon sees rows one by one, so the drift reference is per row, not per window.
-    return _Split(scaler, windows[: m - n_val], windows[m - n_val :], data, scaled[:boundary])
+    return _Split(
+        scaler, windows[: m - n_val], windows[m - n_val :], data, scaled[:boundary],
+        feature_range=training_range(scaled),
+    )  # fmt: skip
 
 
 def _epoch_logger(keras: Any, epochs: int) -> Any:

@@ -59,3 +59,9 @@ def test_training_range_and_validation() -> None:
         ThresholdSettings(range_tolerance=-0.1)
     with pytest.raises(ValueError, match=r"threshold\.range_tolerance"):
         RangeGuard(None, None, -1.0)
+
+
+def test_training_range_over_parts_equals_the_joined_rows() -> None:
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(50, 3)), rng.normal(size=(7, 3)) * 5
+    assert training_range(a, b) == training_range(np.vstack([a, b]))
