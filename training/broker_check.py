@@ -17,11 +17,17 @@ filling a batch from a pre-filled topic, so it cuts at the same rows (the last, 
 batch goes out when the wait ends); the check verifies that from the daemon's metrics (every
 batch before the last one full) rather than assuming it: `cuts_checked_series`.
 
-Refused (exit 2, naming why): pipelines with per-entity history (aggregate features, windows
-of an LSTM or dense_window model, per-entity thresholds) or delivered labels. The in-process
-replay rebuilds that state from the training rows; a daemon on a topic holding only the test
-part would start empty, so the two would compare different things. Replays with retraining
-too: the daemon run serves one bundle throughout.
+Per-entity history (aggregate features, windows of an LSTM or dense_window model, per-entity
+thresholds): the in-process replay first rebuilds it from the training rows. Here those rows
+go to the input topic before the test part, the group's offset is committed at the first test
+row, and the daemon rebuilds the same state as it would after any restart: its restore re-reads
+the tail before that offset (`state.restore_events` = the training rows, all of them) in
+replay mode, in batches of the same size. The check confirms from the daemon's metrics that
+it restored every one of them (`restored_events`).
+
+Refused (exit 2, naming why): delivered labels (the in-process replay delivers them between
+batches at fixed rows; a daemon reads them from a feedback topic as they come), and replays
+with retraining (the daemon run serves one bundle throughout).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import msgspec
 import numpy as np
 
 from streamer import config as config_mod
-from streamer.config import WINDOWED_KINDS, BatchSettings, MetricsSettings, Settings
+from streamer.config import BatchSettings, MetricsSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -64,25 +70,11 @@ class BrokerCheckError(Exception):
 def refusal(config: Any) -> str | None:
     """Why the broker check cannot compare like with like for this eval config (None: it
     can). Read from the config, so it is refused before any training."""
-    spec = config.features
-    det = config.detectors[0]
-    if spec.labeled or config.replay.label_delay_seconds is not None:
+    if config.features.labeled or config.replay.label_delay_seconds is not None:
         return (
             "the features use delivered labels (label_rate): the in-process replay delivers "
             "them between batches, a daemon gets them from a feedback topic"
         )
-    if spec.stateful:
-        return (
-            "aggregate features (rolling, since_previous) are per-entity history, rebuilt "
-            "from the training rows in-process"
-        )
-    if config.training.model in WINDOWED_KINDS:
-        return (
-            f"training.model = {config.training.model!r} scores windows, per-entity history "
-            "rebuilt from the training rows in-process"
-        )
-    if det.threshold.per_entity:
-        return f"detector {det.name!r} has threshold.per_entity: per-entity history"
     if config.replay.retrain_every_rows is not None:
         return (
             "replay.retrain_every_rows swaps in retrained bundles mid-replay; the daemon run "
@@ -128,9 +120,16 @@ def to_toml(doc: dict[str, Any]) -> str:
 
 
 def daemon_settings(
-    settings: Settings, bootstrap: str, topics: Topics, batch_size: int, port: int
+    settings: Settings,
+    bootstrap: str,
+    topics: Topics,
+    batch_size: int,
+    port: int,
+    history: int = 0,
+    timeout_seconds: float = 60.0,
 ) -> Settings:
-    """The evaluator's settings for one pipeline, pointed at real topics."""
+    """The evaluator's settings for one pipeline, pointed at real topics; with `history`
+    rows before the test part, a restore that re-reads all of them."""
     kafka = msgspec.structs.replace(
         settings.kafka,
         bootstrap_servers=bootstrap,
@@ -142,9 +141,15 @@ def daemon_settings(
         auto_offset_reset="earliest",
         create_output_topics=False,  # made here, one partition each and no time retention
     )
+    state = settings.state
+    if history:
+        state = msgspec.structs.replace(
+            state, restore_events=history, restore_timeout_seconds=timeout_seconds
+        )
     return msgspec.structs.replace(
         settings,
         kafka=kafka,
+        state=state,
         batch=BatchSettings(max_batch_size=batch_size, max_wait_seconds=MAX_WAIT_SECONDS),
         metrics=MetricsSettings(host="127.0.0.1", port=port),
         log_level="INFO",
@@ -191,6 +196,7 @@ class SeriesCheck:
     batches: int
     cuts_checked: bool
     dead_letters: int
+    restored: int = 0  # earlier rows the daemon's restore replayed (history)
     max_score_difference: float | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -210,9 +216,14 @@ def run_series(
     in_process_scores: dict[int, float],
     work_dir: Path,
     timeout_seconds: float,
+    history: list[tuple[bytes, int]] | None = None,
 ) -> SeriesCheck:
     """Produce `messages` (value, timestamp ms) to fresh topics, run the daemon over them,
-    and compare its alerts with `in_process_flags` (one per message)."""
+    and compare its alerts with `in_process_flags` (one per message).
+
+    `history`: rows produced before `messages` and not scored: the group starts at the first
+    message, and the daemon's state restore replays all of them, as the in-process replay
+    does the training rows."""
     from kafka.admin import NewTopic
 
     started = time.monotonic()
@@ -224,21 +235,32 @@ def run_series(
             [NewTopic(t, 1, 1, topic_configs=forever) for t in topics.all()],
             wait_for_metadata=True,
         )
+        history = history or []
         try:
-            _produce(bootstrap, topics.input, messages)
+            _produce(bootstrap, topics.input, history + messages)
+            if history:
+                _commit(bootstrap, topics.group, topics.input, len(history))
             port = _free_port()
-            cfg = daemon_settings(settings, bootstrap, topics, batch_size, port)
+            cfg = daemon_settings(
+                settings, bootstrap, topics, batch_size, port, len(history), timeout_seconds
+            )
             work_dir.mkdir(parents=True, exist_ok=True)
             path = work_dir / f"{topics.group}.toml"
             write_settings(cfg, path)
-            batches, cuts_checked = _run_daemon(
+            batches, cuts_checked, restored = _run_daemon(
                 path, port, work_dir / f"{topics.group}.log", topics, len(messages),
                 batch_size, timeout_seconds,
             )  # fmt: skip
-            done = _committed(bootstrap, topics.group, topics.input)
+            if restored != len(history):
+                raise BrokerCheckError(
+                    f"{name}: the daemon restored its state from {restored} of "
+                    f"{len(history)} earlier rows"
+                )
+            done = _committed(bootstrap, topics.group, topics.input) - len(history)
             if done != len(messages):
                 raise BrokerCheckError(
-                    f"{name}: the daemon committed offset {done} of {len(messages)}"
+                    f"{name}: the daemon committed offset {done} of {len(messages)} "
+                    "(counted from the first test row)"
                 )
             alerts = _read_alerts(bootstrap, topics.alerts, timeout_seconds)
             dead = len(_read(bootstrap, topics.dead_letters, timeout_seconds))
@@ -246,15 +268,17 @@ def run_series(
             admin.delete_topics(topics.all())
     finally:
         admin.close()
-    broker = sorted({a.source.offset for a in alerts if a.source.topic == topics.input})
+    first = len(history)  # offset of the first test row
+    broker = sorted({a.source.offset - first for a in alerts if a.source.topic == topics.input})
     diffs = [
-        abs(a.score - in_process_scores[a.source.offset])
+        abs(a.score - in_process_scores[a.source.offset - first])
         for a in alerts
-        if a.source.offset in in_process_scores
+        if a.source.offset - first in in_process_scores
     ]
     check = SeriesCheck(
         series=name,
         rows=len(messages),
+        restored=restored,
         in_process=np.flatnonzero(in_process_flags).tolist(),
         broker=broker,
         batches=batches,
@@ -292,6 +316,7 @@ def summary(detector: str, checks: list[SeriesCheck], seconds: float) -> dict[st
         "detector": detector,
         "series": len(checks),
         "rows": sum(c.rows for c in checks),
+        "restored_rows": sum(c.restored for c in checks),
         "alerts_in_process": sum(len(c.in_process) for c in checks),
         "alerts_broker": sum(len(c.broker) for c in checks),
         "identical_series": sum(c.identical for c in checks),
@@ -308,9 +333,12 @@ def summary(detector: str, checks: list[SeriesCheck], seconds: float) -> dict[st
 
 def headline(check: dict[str, Any]) -> str:
     verdict = "identical" if check["identical"] else "DIFFERENT"
+    restored = check.get("restored_rows", 0)
     return (
         f"  broker check ({check['detector']}): {verdict}: {check['identical_series']}/"
-        f"{check['series']} series, {check['rows']} rows, alerts in-process "
+        f"{check['series']} series, {check['rows']} rows"
+        + (f" (state restored from {restored} earlier)" if restored else "")
+        + ", alerts in-process "
         f"{check['alerts_in_process']} / through Kafka {check['alerts_broker']}, "
         f"{check['seconds']:.0f}s"
     )
@@ -376,10 +404,11 @@ def _run_daemon(
     rows: int,
     batch_size: int,
     timeout_seconds: float,
-) -> tuple[int, bool]:
+) -> tuple[int, bool, int]:
     """Run the daemon until it holds every row (scored, or the last partial batch polled),
-    then SIGTERM it (it scores and commits what it holds). Returns (batches, cuts_checked):
-    whether its batches before the last were all `batch_size` long, as in-process."""
+    then SIGTERM it (it scores and commits what it holds). Returns (batches, cuts_checked,
+    restored): whether its batches before the last were all `batch_size` long, as
+    in-process, and how many earlier rows its state restore replayed."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     full = rows // batch_size * batch_size
     lag_key = ("anomaly_consumer_lag", (("partition", "0"), ("topic", topics.input)))
@@ -390,7 +419,7 @@ def _run_daemon(
         )  # fmt: skip
         try:
             deadline = time.monotonic() + timeout_seconds
-            consumed = batches = 0.0
+            consumed = batches = restored = 0.0
             all_full = False  # seen: the rows before the partial last batch, in full batches
             while True:
                 if proc.poll() is not None:
@@ -410,6 +439,7 @@ def _run_daemon(
                     continue
                 consumed = samples.get(("anomaly_events_consumed_total", ()), 0.0)
                 batches = samples.get(("anomaly_batches_total", ()), 0.0)
+                restored = samples.get(("anomaly_state_restored_events_total", ()), 0.0)
                 # k batches of at most batch_size rows hold k * batch_size rows: all full.
                 all_full = all_full or (consumed == full and batches * batch_size == full)
                 # The rest is in the daemon's hands once its position reached the end.
@@ -427,7 +457,7 @@ def _run_daemon(
             if code != 0:
                 raise BrokerCheckError(f"the daemon exited {code} on SIGTERM; log {log_path}")
             # Measured, plus the partial batch still held if SIGTERM is what scored it.
-            return int(batches) + (consumed < rows), cuts_checked
+            return int(batches) + (consumed < rows), cuts_checked, int(restored)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -460,6 +490,20 @@ def _read_alerts(bootstrap: str, topic: str, timeout_seconds: float) -> list[Any
         if isinstance(doc, Alert):
             out.append(doc)
     return out
+
+
+def _commit(bootstrap: str, group: str, topic: str, offset: int) -> None:
+    """Start `group` at `offset` of partition 0, as a daemon that ran up to there left it."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    tp = TopicPartition(topic, 0)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        consumer.assign([tp])
+        consumer.commit({tp: OffsetAndMetadata(offset, "", -1)})
+    finally:
+        consumer.close()
 
 
 def _committed(bootstrap: str, group: str, topic: str) -> int:

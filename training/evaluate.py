@@ -544,11 +544,13 @@ def _broker_check(
     for s, run in zip(series_list, runs[det.name], strict=True):
         b, scorer = bundle_of[s.name]
         settings = _settings(config, det, b.path)
-        if build_pipeline(settings, b, scorer).state.needs_history:
-            raise ValueError(
-                f"--broker: {s.name}: the pipeline keeps per-entity history, which the "
-                "in-process replay rebuilds from the training rows and a daemon would not"
-            )
+        # Per-entity history: the in-process replay rebuilt it from the training rows; the
+        # daemon restores it from the same rows, produced ahead of the test part.
+        history = (
+            row_messages(s, fields, 0, s.n_train)
+            if build_pipeline(settings, b, scorer).state.needs_history
+            else None
+        )
         scores = {int(k): float(run.scores[k]) for k in np.flatnonzero(run.flags)}
         check = broker_check.run_series(
             bootstrap,
@@ -559,7 +561,8 @@ def _broker_check(
             run.flags,
             scores,
             out_dir / "broker",
-            timeout_seconds=120.0 + (s.n - s.n_train) / 50.0,
+            timeout_seconds=120.0 + (s.n - (s.n_train if history is None else 0)) / 50.0,
+            history=history,
         )
         log.info(
             "broker check %s: %d rows, alerts in-process %d, through Kafka %d%s",

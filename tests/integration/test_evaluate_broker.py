@@ -52,3 +52,37 @@ def test_broker_replay_gives_the_in_process_alerts(
     # Rows beyond the range alerted on both paths (the alerts above are identical).
     arrays = np.load(out / "series.npz")
     assert sum(int(arrays[f"{k}/0/beyond"].sum()) for k in range(2)) >= 2
+
+
+def stateful_csvs(tmp_path: Path) -> Path:
+    """`labeled_csvs`' series with per-entity history the daemon must rebuild: a rolling
+    mean and std of x2 per series over 30 s, and per-series thresholds."""
+    sensor_csvs(tmp_path / "data", 330, slice(250, 275), "2019-03-01", seed=3)
+    threshold = {"quantile": 0.98, "window_size": 300, "min_samples": 20, "per_entity": True,
+                 "entity_window_size": 300, "entity_min_samples": 20}  # fmt: skip
+    rolling = {"kind": "rolling", "field": "x2", "windows_seconds": [30],
+               "stats": ["mean", "std"], "key": "series"}  # fmt: skip
+    columns = [{"kind": "numeric", "field": f} for f in ("x1", "x2", "x3")] + [rolling]
+    cfg = sensor_config(tmp_path / "data", "broker-check-stateful", replay={"batch_size": 9},
+                        detectors=[{"name": "per-series", "threshold": threshold}],
+                        baselines={"b1": False, "b2": False})  # fmt: skip
+    cfg["features"] = {**cfg["features"], "columns": columns}  # type: ignore[dict-item]
+    path = tmp_path / "broker-check-stateful.toml"
+    path.write_text(_to_toml(cfg))
+    return path
+
+
+def test_broker_replay_restores_per_entity_history(
+    kafka_bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The daemon rebuilds aggregates and per-series thresholds from the training rows ahead
+    of the test part, as the in-process replay does, and alerts on the same rows."""
+    out = tmp_path / "out"
+    args = ["--config", str(stateful_csvs(tmp_path)), "--out", str(out), "--no-report"]
+    assert main([*args, "--broker", kafka_bootstrap]) == 0
+    assert "state restored from 400 earlier" in capsys.readouterr().out
+    check = msgspec.json.decode((out / "result.json").read_bytes())["broker_check"]
+    assert check["restored_rows"] == 2 * 200 and check["rows"] == 2 * 130
+    assert check["identical"] and not check["mismatches"]
+    assert check["alerts_broker"] == check["alerts_in_process"] >= 2
+    assert check["cuts_checked_series"] == 2 and check["max_score_difference"] < 1e-9

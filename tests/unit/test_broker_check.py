@@ -39,14 +39,11 @@ def test_daemon_config_loads_back_as_the_evaluators_settings(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("extra", "why"),
     [
-        ('[training]\nmodel = "lstm"\n', "training.model = 'lstm'"),
-        ('[training]\nmodel = "dense_window"\n', "training.model = 'dense_window'"),
-        ("threshold = { per_entity = true }\n", "per_entity"),
         ("[replay]\nlabel_delay_seconds = 5.0\n", "labels"),
         ("[replay]\nretrain_every_rows = 10\n", "retrain"),
     ],
 )
-def test_broker_check_refuses_per_entity_history_before_training(
+def test_broker_check_refuses_labels_and_retraining_before_training(
     tmp_path: Path, extra: str, why: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cfg = tmp_path / "c.toml"
@@ -73,11 +70,40 @@ def test_summary_lists_the_rows_alerted_on_one_side_only() -> None:
     assert "DIFFERENT" in headline(out)
 
 
-def test_broker_check_refuses_aggregate_features(tmp_path: Path) -> None:
-    rolling = (
-        '{ kind = "rolling", field = "x", windows_seconds = [60], stats = ["mean"], key = "k" }'
-    )
+ROLLING = '{ kind = "rolling", field = "x", windows_seconds = [60], stats = ["mean"], key = "k" }'
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        '[training]\nmodel = "lstm"\n',
+        '[training]\nmodel = "dense_window"\n',
+        "threshold = { per_entity = true }\n",
+        None,  # aggregate features
+    ],
+)
+def test_broker_check_takes_per_entity_history(tmp_path: Path, extra: str | None) -> None:
+    """The daemon restores it from the training rows, produced ahead of the test part."""
     text = MINIMAL.format(path="x", train_rows=5)
+    if extra is None:
+        text = text.replace('{ kind = "numeric", field = "x" }', ROLLING)
     cfg = tmp_path / "c.toml"
-    cfg.write_text(text.replace('{ kind = "numeric", field = "x" }', rolling))
-    assert "aggregate features" in (refusal(load_config(cfg)) or "")
+    cfg.write_text(text + (extra or ""))
+    assert refusal(load_config(cfg)) is None
+
+
+def test_daemon_restores_every_history_row(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(MINIMAL.format(path="x", train_rows=5) + "threshold = { per_entity = true }\n")
+    config = load_config(cfg)
+    settings = _settings(config, config.detectors[0], tmp_path / "bundle")
+    topics = Topics.fresh("s")
+    daemon = daemon_settings(settings, "127.0.0.1:1", topics, 7, 1234, 25_000, 90.0)
+    assert daemon.state.restore_events == 25_000
+    assert daemon.state.restore_timeout_seconds == 90.0
+    write_settings(daemon, tmp_path / "daemon.toml")
+    plain = daemon_settings(settings, "127.0.0.1:1", topics, 7, 1234)
+    assert plain.state == settings.state  # nothing before the test part: nothing to restore
+    same = SeriesCheck("a", 10, [1], [1], batches=2, cuts_checked=True, dead_letters=0)
+    out = summary("d", [same, SeriesCheck("b", 10, [], [], 2, True, 0, restored=300)], 1.0)
+    assert out["restored_rows"] == 300 and "state restored from 300 earlier" in headline(out)
