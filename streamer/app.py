@@ -101,6 +101,7 @@ def build_pipeline(
         publish_alerts=settings.incidents.publish_alerts or not settings.incidents.enabled,
         control=control,
         drift=DriftMonitor(bundle.drift, settings.drift.window_events) if bundle.drift else None,
+        error_cap=bundle.error_cap,
         ranges=_range_guard(t.range_tolerance, bundle),
     )
 

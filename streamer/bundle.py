@@ -76,7 +76,9 @@ class BundleError(Exception):
     """A bundle that must not be served; the message names the file or field at fault."""
 
 
-class Manifest(msgspec.Struct, forbid_unknown_fields=True):
+# omit_defaults: a field left at its default is not written, so a bundle that does not use
+# a later field still loads in daemons that predate it (and one that does is refused there).
+class Manifest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     format_version: int
     version: str
     model_kind: str
@@ -87,6 +89,8 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
     training: dict[str, Any]
     # Appended with a default: manifests written before it (all dense) still decode.
     window_length: int | None = None  # rows per window; None: one row per event
+    # training.error_cap: the most a feature's squared error adds to an event's score.
+    error_cap: float | None = None
 
 
 class Parity(msgspec.Struct, forbid_unknown_fields=True):
@@ -127,6 +131,10 @@ class Bundle:
     def window_length(self) -> int | None:
         """Rows per window the model scores; None for a model of single rows (dense)."""
         return self.manifest.window_length
+
+    @property
+    def error_cap(self) -> float | None:
+        return self.manifest.error_cap
 
     def load_scorer(self, runtime: str = "numpy") -> Any:
         """The scorer for `runtime`: "numpy" (no TensorFlow import) or "tensorflow"."""
@@ -273,6 +281,8 @@ def load(path: Path, expected_spec: FeatureSpec | None = None) -> Bundle:
         raise BundleError(
             f"{MANIFEST_FILE}: format_version {manifest.format_version} is not {FORMAT_VERSION}"
         )
+    if manifest.error_cap is not None and not manifest.error_cap > 0:
+        raise BundleError(f"{MANIFEST_FILE}: error_cap must be > 0, not {manifest.error_cap}")
     for name in CONTENT_FILES:
         file = root / name
         if not file.is_file():

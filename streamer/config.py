@@ -312,8 +312,15 @@ class TrainingSettings(_Section, frozen=True):
     # "standard": mean and standard deviation; "robust": median and IQR / 1.349, so a few
     # extreme rows in the history do not set every feature's scale (streamer/scaler.py).
     scaler: ScalerKind = "standard"
+    # The most one feature's squared error (in scaled units: 16 = 4 standard deviations)
+    # adds to an event's score; None: no cap. Written into the bundle, whose warm start is
+    # scored the same way. A cap ranks a row where several features are off above one where
+    # a single heavy-tailed feature is far off.
+    error_cap: float | None = None
 
     def __post_init__(self) -> None:
+        if self.error_cap is not None and not self.error_cap > 0:
+            raise ValueError(f"training.error_cap must be > 0, not {self.error_cap!r}")
         if self.scaler not in SCALER_KINDS:
             raise ValueError(
                 f"training.scaler must be one of {', '.join(map(repr, SCALER_KINDS))}, "

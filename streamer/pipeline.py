@@ -33,7 +33,7 @@ from streamer.records import (
     alert_id,
 )
 from streamer.scaler import Scaler
-from streamer.scoring import Scorer, reconstruction_errors
+from streamer.scoring import Scorer, event_scores, feature_errors, reconstruction_errors
 from streamer.smoothing import SmoothedThreshold
 from streamer.state import EntityState
 from streamer.threshold import RollingQuantileThreshold
@@ -74,6 +74,7 @@ class Pipeline:
         control: ControlState | None = None,
         drift: DriftMonitor | None = None,
         ranges: RangeGuard | None = None,
+        error_cap: float | None = None,
     ) -> None:
         self.spec = spec
         self.scaler = scaler
@@ -87,6 +88,7 @@ class Pipeline:
         self.control = control  # shared with the app, which feeds it between batches
         self.drift = drift  # live feature and score distributions (read by the app)
         self.ranges = ranges  # threshold.range_tolerance: one range per pipeline
+        self.error_cap = error_cap  # the bundle's: its warm start was scored the same way
         self._decoder = msgspec.json.Decoder(spec.event_type())
         self._names = spec.feature_names()
         self._unit_names = spec.unit_names()
@@ -131,11 +133,11 @@ class Pipeline:
             return BatchResult(len(messages), [], dead, np.empty(0), self.threshold.value)
         t3 = clock()
         recon = self.scorer.reconstruct(model_input)
-        errors = reconstruction_errors(model_input, recon)
-        if errors.ndim == 3:  # windows: a feature's error is its mean over the time steps
-            errors = errors.mean(axis=1)
+        errors = feature_errors(reconstruction_errors(model_input, recon))
+        if recon.ndim == 3:
             recon = recon[:, -1, :]  # explained against the event's own (last) step
-        scores = errors.mean(axis=1) if rows.size else np.empty(0)
+        # Alerts explain with the uncapped errors: which feature is off, and by how much.
+        scores = event_scores(errors, self.error_cap) if rows.size else np.empty(0)
         t4 = clock()
         # Every valid row widens the range (held-back ones too: they were seen); a replay
         # re-reads rows the range has seen already.

@@ -21,9 +21,28 @@ class Scorer(Protocol):
 
 
 def reconstruction_errors(x: np.ndarray, reconstructed: np.ndarray) -> np.ndarray:
-    """Squared errors shaped like x, (n, d) or (n, L, d); an event's score is their mean."""
+    """Squared errors shaped like x, (n, d) or (n, L, d); `event_scores` makes them scores."""
     diff = np.asarray(x, dtype=np.float64) - np.asarray(reconstructed, dtype=np.float64)
     return diff * diff
+
+
+def feature_errors(errors: np.ndarray) -> np.ndarray:
+    """(n, d) per-feature errors: a window's (n, L, d) are averaged over its time steps."""
+    return errors.mean(axis=1) if errors.ndim == 3 else errors
+
+
+def event_scores(features: np.ndarray, cap: float | None = None) -> np.ndarray:
+    """Each event's score: the mean of its (n, d) feature errors, each counted at most `cap`
+    (`training.error_cap`), so one wild feature weighs no more than a few that agree.
+
+    >>> event_scores(np.array([[100.0, 0.0], [9.0, 9.0]]), cap=16.0).tolist()
+    [8.0, 9.0]
+    >>> event_scores(np.array([[100.0, 0.0]])).tolist()
+    [50.0]
+    """
+    if cap is not None:
+        features = np.minimum(features, cap)
+    return features.mean(axis=1)
 
 
 class KerasScorer:

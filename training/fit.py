@@ -21,7 +21,7 @@ from streamer.features import FeatureSpec
 from streamer.lean import NumpyDenseScorer, NumpyDenseWindowScorer, NumpyLSTMScorer
 from streamer.ranges import training_range
 from streamer.scaler import Scaler
-from streamer.scoring import reconstruction_errors
+from streamer.scoring import event_scores, feature_errors, reconstruction_errors
 from streamer.windows import sliding_windows
 from training.datasets import History
 from training.models import (
@@ -126,11 +126,11 @@ def fit_bundle(
         )  # fmt: skip
     # Held-out errors, in event order: what the live stream should look like to the threshold.
     # An event's score is the mean over its row's (or window's) features and steps.
-    val_errors = reconstruction_errors(x_val, model.predict(x_val, verbose=0))
-    val_scores = val_errors.mean(axis=tuple(range(1, x_val.ndim)))
+    val_errors = feature_errors(reconstruction_errors(x_val, model.predict(x_val, verbose=0)))
+    val_scores = event_scores(val_errors, training.error_cap)
     quantiles = {str(q): float(np.quantile(val_scores, q)) for q in WARM_START_QUANTILES}
     # Which features the model rebuilds worst on held-out data (the report's bar chart).
-    feature_error = val_errors.mean(axis=tuple(range(x_val.ndim - 1)))
+    feature_error = val_errors.mean(axis=0)
 
     registry.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry))
@@ -160,6 +160,7 @@ def fit_bundle(
             staging,
             model_kind=training.model,
             window_length=window_length,
+            error_cap=training.error_cap,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             feature_names=names,
             data={"source": source, **split.data},

@@ -9,6 +9,8 @@ per feature. Results and what they decided are in docs/QUALITY.md.
 
     python eval/explore/ulb_june.py --seed 0
     python eval/explore/ulb_june.py --seed 0 --scaler robust --only-daemon
+    python eval/explore/ulb_june.py --config eval/ulb-feedback-median.toml --error-cap 9 \
+        --only-daemon
 
 Prints recall at a 1% alert rate over June, overall and per fraud scenario, for each variant.
 """
@@ -29,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from streamer import bundle as bundles
-from streamer.scoring import reconstruction_errors
+from streamer.scoring import event_scores, reconstruction_errors
 from training.adapters import SplitSettings, load
 from training.datasets import History
 from training.evaluate import features, load_config
@@ -101,13 +103,18 @@ def main() -> None:
     ap.add_argument("--config", default=CONFIG, help=f"evaluator config ({CONFIG})")
     ap.add_argument("--scaler", choices=["standard", "robust"], default=None,
                     help="override training.scaler (the config's: standard)")  # fmt: skip
+    ap.add_argument("--error-cap", type=float, default=None,
+                    help="override training.error_cap (the config's: none)")  # fmt: skip
     ap.add_argument("--only-daemon", action="store_true",
                     help="the daemon's score only, no variants (1 training, not 6)")  # fmt: skip
     args = ap.parse_args()
     seed = args.seed
     cfg = load_config(args.config)
     training = msgspec.structs.replace(
-        cfg.training, seed=seed, scaler=args.scaler or cfg.training.scaler
+        cfg.training,
+        seed=seed,
+        scaler=args.scaler or cfg.training.scaler,
+        error_cap=args.error_cap or cfg.training.error_cap,
     )
     [s] = load(msgspec.structs.replace(cfg.data, split=SplitSettings(train_until=TRAIN_UNTIL)))
     n0, end = s.n_train, int(np.searchsorted(s.seconds, JUNE_END))
@@ -123,11 +130,13 @@ def main() -> None:
         err = reconstruction_errors(x, scorer.reconstruct(x.astype(np.float32)))
     y, classes, names = s.labels[n0:end], s.classes[n0:end], cfg.features.feature_names()
     frauds = {c: int(((y == 1) & (classes == c)).sum()) for c in (1, 2, 3)}
-    print(f"{args.config}, seed {seed}, scaler {training.scaler}: June rows {y.size}, "
+    print(f"{args.config}, seed {seed}, scaler {training.scaler}, error cap "
+          f"{training.error_cap}: June rows {y.size}, "
           f"frauds by scenario {frauds}")  # fmt: skip
-    _table("mean squared error (the daemon's score)", y, classes, err.mean(1))
+    daemon = event_scores(err, training.error_cap)
+    _table("mean squared error (the daemon's score)", y, classes, daemon)
     # What fills the top 1% instead: the share of genuine top rows' error in each feature.
-    top = np.argsort(-err.mean(1), kind="stable")[: round(0.01 * y.size)]
+    top = np.argsort(-daemon, kind="stable")[: round(0.01 * y.size)]
     genuine = err[top[y[top] == 0]]
     share = genuine.sum(0) / genuine.sum()
     worst = np.argsort(-share)[:4]

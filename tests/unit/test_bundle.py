@@ -103,16 +103,20 @@ def test_dense_window_training_refuses_a_bottleneck_as_wide_as_the_window(
     assert not (tmp_path / "registry").exists()
 
 
-def test_manifest_written_before_window_length_still_loads(
+def test_manifest_leaves_out_unused_fields_and_older_layouts_still_load(
     orders_bundle: bundles.Bundle, tmp_path: Path
 ) -> None:
+    """A dense bundle without an error cap writes neither field, so daemons that predate
+    them load it; manifests that wrote `window_length: null` (before the cap) load too."""
     path = copy_bundle(orders_bundle, tmp_path)
     manifest = msgspec.json.decode((path / bundles.MANIFEST_FILE).read_bytes())
-    del manifest["window_length"]
-    (path / bundles.MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
+    assert "window_length" not in manifest and "error_cap" not in manifest
     b = bundles.load(path)
-    assert b.window_length is None
+    assert b.window_length is None and b.error_cap is None
     assert b.load_scorer().window_length is None
+    manifest["window_length"] = None
+    (path / bundles.MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
+    assert bundles.load(path).window_length is None
 
 
 def test_unknown_model_kind_has_no_numpy_runtime(
@@ -239,3 +243,47 @@ def test_parity_is_checked_relative_to_the_values(
             bundles.load(path).load_scorer(runtime)
     rewrite(want)
     bundles.load(path).load_scorer("numpy")
+
+
+def test_error_cap_scores_the_warm_start_and_the_stream_alike(tmp_path: Path) -> None:
+    """`training.error_cap` goes into the bundle; held-out and live scores are both capped,
+    and a bundle with a bad cap is refused naming it."""
+    from itertools import islice
+
+    from streamer.app import build_pipeline
+    from streamer.config import from_mapping
+    from streamer.records import RawMessage
+    from tests.conftest import write_events
+    from training.datasets import read_jsonl
+    from training.simulate import simulate
+
+    events = tmp_path / "train.jsonl"
+    write_events(events, "sensors", count=3000, seed=11, anomaly_rate=0.0)
+    settings = TrainingSettings(error_cap=4.0, epochs=3, seed=1)
+    b = fit_bundle(SENSORS, read_jsonl(SENSORS, events), settings, tmp_path / "r", source="c")
+    assert b.error_cap == 4.0 and b.manifest.error_cap == 4.0
+    assert b.warm_start.min() >= 0.0 and b.warm_start.max() <= 4.0
+    loaded = bundles.load(tmp_path / "r", expected_spec=SENSORS)
+    assert loaded.error_cap == 4.0
+    kafka = {"input_topic": "in", "alert_topic": "a", "dead_letter_topic": "d"}
+    config = {"profile": "sensors", "kafka": kafka, "model": {"bundle": "unused"}}
+    capped = build_pipeline(from_mapping(config), loaded, loaded.load_scorer())
+    plain = build_pipeline(from_mapping(config), loaded, loaded.load_scorer())
+    plain.error_cap = None
+    stream = [
+        RawMessage("s", 0, i, None, msgspec.json.encode(msgspec.to_builtins(e)), 0)
+        for i, (e, _) in enumerate(islice(simulate("sensors", 12, 0.05), 400))
+    ]
+    got, want = capped.process(stream).scores, plain.process(stream).scores
+    assert got.max() <= 4.0 and (got < want).any()  # the anomalies' scores are capped
+    low = want < 4.0 / len(SENSORS.feature_names())  # no feature can be beyond the cap
+    assert low.any()
+    np.testing.assert_allclose(got[low], want[low])
+
+    manifest = msgspec.json.decode((loaded.path / bundles.MANIFEST_FILE).read_bytes())
+    manifest["error_cap"] = -1.0
+    (loaded.path / bundles.MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
+    with pytest.raises(bundles.BundleError, match="error_cap must be > 0"):
+        bundles.load(tmp_path / "r")
+    with pytest.raises(ValueError, match=r"training\.error_cap must be > 0"):
+        TrainingSettings(error_cap=0.0)
