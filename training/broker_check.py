@@ -23,7 +23,7 @@ go to the input topic before the test part, the group's offset is committed at t
 row, and the daemon rebuilds the same state as it would after any restart: its restore re-reads
 the tail before that offset (`state.restore_events` = the training rows, all of them) in
 replay mode, in batches of the same size. The check confirms from the daemon's metrics that
-it restored every one of them (`restored_events`).
+it restored every one of them (`restored_rows`).
 
 Refused (exit 2, naming why): delivered labels (the in-process replay delivers them between
 batches at fixed rows; a daemon reads them from a feedback topic as they come), and replays
