@@ -29,7 +29,11 @@ def labeled_csvs(tmp_path: Path) -> Path:
         ],
         baselines={"b1": False, "b2": False},
     )  # fmt: skip
-    path = tmp_path / "broker-check.toml"
+    return _written(tmp_path, cfg)
+
+
+def _written(tmp_path: Path, cfg: dict[str, object]) -> Path:
+    path = tmp_path / f"{cfg['name']}.toml"
     path.write_text(_to_toml(cfg))
     return path
 
@@ -67,9 +71,7 @@ def stateful_csvs(tmp_path: Path) -> Path:
                         detectors=[{"name": "per-series", "threshold": threshold}],
                         baselines={"b1": False, "b2": False})  # fmt: skip
     cfg["features"] = {**cfg["features"], "columns": columns}  # type: ignore[dict-item]
-    path = tmp_path / "broker-check-stateful.toml"
-    path.write_text(_to_toml(cfg))
-    return path
+    return _written(tmp_path, cfg)
 
 
 def test_broker_replay_restores_per_entity_history(
