@@ -91,6 +91,8 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     window_length: int | None = None  # rows per window; None: one row per event
     # training.error_cap: the most a feature's squared error adds to an event's score.
     error_cap: float | None = None
+    # training.score_weights resolved: one weight per feature; None: all equal.
+    score_weights: list[float] | None = None
 
 
 class Parity(msgspec.Struct, forbid_unknown_fields=True):
@@ -135,6 +137,11 @@ class Bundle:
     @property
     def error_cap(self) -> float | None:
         return self.manifest.error_cap
+
+    @property
+    def score_weights(self) -> np.ndarray | None:
+        w = self.manifest.score_weights
+        return None if w is None else np.array(w, dtype=np.float64)
 
     def load_scorer(self, runtime: str = "numpy") -> Any:
         """The scorer for `runtime`: "numpy" (no TensorFlow import) or "tensorflow"."""
@@ -283,6 +290,12 @@ def load(path: Path, expected_spec: FeatureSpec | None = None) -> Bundle:
         )
     if manifest.error_cap is not None and not manifest.error_cap > 0:
         raise BundleError(f"{MANIFEST_FILE}: error_cap must be > 0, not {manifest.error_cap}")
+    w = manifest.score_weights
+    if w is not None and (len(w) != len(manifest.feature_names) or min(w) < 0 or not sum(w) > 0):
+        raise BundleError(
+            f"{MANIFEST_FILE}: score_weights must be one weight >= 0 per feature "
+            f"({len(manifest.feature_names)}), not all 0; got {w}"
+        )
     for name in CONTENT_FILES:
         file = root / name
         if not file.is_file():

@@ -317,10 +317,19 @@ class TrainingSettings(_Section, frozen=True):
     # scored the same way. A cap ranks a row where several features are off above one where
     # a single heavy-tailed feature is far off.
     error_cap: float | None = None
+    # Feature-name patterns (fnmatch) -> weight of their errors in the score (others: 1).
+    # Weight 0 makes a feature context: the model reads and rebuilds it, the score ignores
+    # its error. Resolved against the spec's names at training and written into the bundle.
+    score_weights: dict[str, float] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.error_cap is not None and not self.error_cap > 0:
             raise ValueError(f"training.error_cap must be > 0, not {self.error_cap!r}")
+        for pattern, weight in self.score_weights.items():
+            if not weight >= 0:
+                raise ValueError(
+                    f"training.score_weights[{pattern!r}] must be >= 0, not {weight!r}"
+                )
         if self.scaler not in SCALER_KINDS:
             raise ValueError(
                 f"training.scaler must be one of {', '.join(map(repr, SCALER_KINDS))}, "

@@ -75,6 +75,7 @@ class Pipeline:
         drift: DriftMonitor | None = None,
         ranges: RangeGuard | None = None,
         error_cap: float | None = None,
+        score_weights: np.ndarray | None = None,
     ) -> None:
         self.spec = spec
         self.scaler = scaler
@@ -88,7 +89,9 @@ class Pipeline:
         self.control = control  # shared with the app, which feeds it between batches
         self.drift = drift  # live feature and score distributions (read by the app)
         self.ranges = ranges  # threshold.range_tolerance: one range per pipeline
-        self.error_cap = error_cap  # the bundle's: its warm start was scored the same way
+        # The bundle's: its warm start was scored the same way.
+        self.error_cap = error_cap
+        self.score_weights = score_weights
         self._decoder = msgspec.json.Decoder(spec.event_type())
         self._names = spec.feature_names()
         self._unit_names = spec.unit_names()
@@ -136,8 +139,13 @@ class Pipeline:
         errors = feature_errors(reconstruction_errors(model_input, recon))
         if recon.ndim == 3:
             recon = recon[:, -1, :]  # explained against the event's own (last) step
-        # Alerts explain with the uncapped errors: which feature is off, and by how much.
-        scores = event_scores(errors, self.error_cap) if rows.size else np.empty(0)
+        scores = (
+            event_scores(errors, self.error_cap, self.score_weights) if rows.size else np.empty(0)
+        )
+        # Alerts explain with the uncapped errors (which feature is off, and by how much),
+        # weighted: a context feature (weight 0) never explains a score it is not part of.
+        if self.score_weights is not None:
+            errors = errors * self.score_weights
         t4 = clock()
         # Every valid row widens the range (held-back ones too: they were seen); a replay
         # re-reads rows the range has seen already.

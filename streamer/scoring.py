@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,18 +32,45 @@ def feature_errors(errors: np.ndarray) -> np.ndarray:
     return errors.mean(axis=1) if errors.ndim == 3 else errors
 
 
-def event_scores(features: np.ndarray, cap: float | None = None) -> np.ndarray:
+def event_scores(
+    features: np.ndarray, cap: float | None = None, weights: np.ndarray | None = None
+) -> np.ndarray:
     """Each event's score: the mean of its (n, d) feature errors, each counted at most `cap`
-    (`training.error_cap`), so one wild feature weighs no more than a few that agree.
+    (`training.error_cap`), so one wild feature weighs no more than a few that agree;
+    with `weights` (`training.score_weights`, one per feature) the weighted mean.
 
     >>> event_scores(np.array([[100.0, 0.0], [9.0, 9.0]]), cap=16.0).tolist()
     [8.0, 9.0]
     >>> event_scores(np.array([[100.0, 0.0]])).tolist()
     [50.0]
+    >>> event_scores(np.array([[100.0, 2.0]]), weights=np.array([0.0, 1.0])).tolist()
+    [2.0]
     """
     if cap is not None:
         features = np.minimum(features, cap)
+    if weights is not None:
+        return features @ (weights / weights.sum())
     return features.mean(axis=1)
+
+
+def resolve_weights(names: list[str], patterns: dict[str, float]) -> np.ndarray:
+    """One weight per feature name: the last pattern (fnmatch) that matches it, else 1.
+
+    >>> resolve_weights(["a.x", "a.y", "b.x"], {"a.*": 0.0, "a.y": 2.0}).tolist()
+    [0.0, 2.0, 1.0]
+    """
+    weights = np.ones(len(names))
+    for pattern, weight in patterns.items():
+        hits = [j for j, name in enumerate(names) if fnmatch.fnmatchcase(name, pattern)]
+        if not hits:
+            raise ValueError(
+                f"training.score_weights: {pattern!r} matches no feature (features: "
+                f"{', '.join(names)})"
+            )
+        weights[hits] = weight
+    if not weights.sum() > 0:
+        raise ValueError("training.score_weights: at least one feature must weigh more than 0")
+    return weights
 
 
 class KerasScorer:

@@ -21,7 +21,12 @@ from streamer.features import FeatureSpec
 from streamer.lean import NumpyDenseScorer, NumpyDenseWindowScorer, NumpyLSTMScorer
 from streamer.ranges import training_range
 from streamer.scaler import Scaler
-from streamer.scoring import event_scores, feature_errors, reconstruction_errors
+from streamer.scoring import (
+    event_scores,
+    feature_errors,
+    reconstruction_errors,
+    resolve_weights,
+)
 from streamer.windows import sliding_windows
 from training.datasets import History
 from training.models import (
@@ -74,6 +79,9 @@ def fit_bundle(
     started = time.monotonic()
     keras.utils.set_random_seed(training.seed)
     names = spec.feature_names()
+    score_weights = (
+        resolve_weights(names, training.score_weights) if training.score_weights else None
+    )
     window_length: int | None = None
     if training.model == "lstm":
         window_length = training.window_length
@@ -127,7 +135,7 @@ def fit_bundle(
     # Held-out errors, in event order: what the live stream should look like to the threshold.
     # An event's score is the mean over its row's (or window's) features and steps.
     val_errors = feature_errors(reconstruction_errors(x_val, model.predict(x_val, verbose=0)))
-    val_scores = event_scores(val_errors, training.error_cap)
+    val_scores = event_scores(val_errors, training.error_cap, score_weights)
     quantiles = {str(q): float(np.quantile(val_scores, q)) for q in WARM_START_QUANTILES}
     # Which features the model rebuilds worst on held-out data (the report's bar chart).
     feature_error = val_errors.mean(axis=0)
@@ -161,6 +169,7 @@ def fit_bundle(
             model_kind=training.model,
             window_length=window_length,
             error_cap=training.error_cap,
+            score_weights=None if score_weights is None else score_weights.tolist(),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             feature_names=names,
             data={"source": source, **split.data},

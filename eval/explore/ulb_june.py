@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from streamer import bundle as bundles
-from streamer.scoring import event_scores, reconstruction_errors
+from streamer.scoring import event_scores, reconstruction_errors, resolve_weights
 from training.adapters import SplitSettings, load
 from training.datasets import History
 from training.evaluate import features, load_config
@@ -133,7 +133,8 @@ def main() -> None:
     print(f"{args.config}, seed {seed}, scaler {training.scaler}, error cap "
           f"{training.error_cap}: June rows {y.size}, "
           f"frauds by scenario {frauds}")  # fmt: skip
-    daemon = event_scores(err, training.error_cap)
+    weights = resolve_weights(names, training.score_weights) if training.score_weights else None
+    daemon = event_scores(err, training.error_cap, weights)
     _table("mean squared error (the daemon's score)", y, classes, daemon)
     # What fills the top 1% instead: the share of genuine top rows' error in each feature.
     top = np.argsort(-daemon, kind="stable")[: round(0.01 * y.size)]

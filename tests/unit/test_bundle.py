@@ -287,3 +287,53 @@ def test_error_cap_scores_the_warm_start_and_the_stream_alike(tmp_path: Path) ->
         bundles.load(tmp_path / "r")
     with pytest.raises(ValueError, match=r"training\.error_cap must be > 0"):
         TrainingSettings(error_cap=0.0)
+
+
+def test_score_weights_make_a_feature_context(tmp_path: Path) -> None:
+    """Weight 0: the model still reads the feature, the score and the explanations ignore
+    its error; the resolved weights travel in the bundle, and bad ones are refused."""
+    from itertools import islice
+
+    from streamer.app import build_pipeline
+    from streamer.config import from_mapping
+    from streamer.records import RawMessage
+    from tests.conftest import write_events
+    from training.datasets import read_jsonl
+    from training.simulate import simulate
+
+    events = tmp_path / "train.jsonl"
+    write_events(events, "sensors", count=3000, seed=11, anomaly_rate=0.0)
+    history = read_jsonl(SENSORS, events)
+    bad = TrainingSettings(score_weights={"temp*": 0.0, "humidity": 2.0}, epochs=1)
+    with pytest.raises(ValueError, match="'humidity' matches no feature"):
+        fit_bundle(SENSORS, history, bad, tmp_path / "bad", source="c")
+    assert not (tmp_path / "bad").exists()  # refused before training
+    with pytest.raises(ValueError, match=r"score_weights\['x'\] must be >= 0"):
+        TrainingSettings(score_weights={"x": -1.0})
+
+    settings = TrainingSettings(score_weights={"temp*": 0.0}, epochs=3, seed=1)
+    b = fit_bundle(SENSORS, history, settings, tmp_path / "r", source="c")
+    assert b.manifest.score_weights == [1.0, 0.0, 1.0, 1.0, 1.0]
+    loaded = bundles.load(tmp_path / "r", expected_spec=SENSORS)
+    kafka = {"input_topic": "in", "alert_topic": "a", "dead_letter_topic": "d"}
+    config = {"profile": "sensors", "kafka": kafka, "model": {"bundle": "unused"},
+              "threshold": {"quantile": 0.9, "min_samples": 10}}  # fmt: skip
+    weighted = build_pipeline(from_mapping(config), loaded, loaded.load_scorer())
+    plain = build_pipeline(from_mapping(config), loaded, loaded.load_scorer())
+    plain.score_weights = None
+    docs = [msgspec.to_builtins(e) for e, _ in islice(simulate("sensors", 12, 0.0), 300)]
+    for doc in docs[200:]:
+        doc["temperature"] = doc["temperature"] + 500.0  # only the context feature is off
+    stream = [RawMessage("s", 0, i, None, msgspec.json.encode(d), 0) for i, d in enumerate(docs)]
+    got, want = weighted.process(stream), plain.process(stream)
+    assert want.scores[200:].mean() > 10 * got.scores[200:].mean()
+    assert got.alerts and all(
+        f.feature != "temperature" for a in got.alerts for f in a.top_features
+    )
+    assert any(f.feature == "temperature" for a in want.alerts for f in a.top_features)
+
+    manifest = msgspec.json.decode((loaded.path / bundles.MANIFEST_FILE).read_bytes())
+    manifest["score_weights"] = [1.0, 0.0]
+    (loaded.path / bundles.MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
+    with pytest.raises(bundles.BundleError, match="score_weights must be one weight >= 0"):
+        bundles.load(tmp_path / "r")
