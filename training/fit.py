@@ -133,7 +133,7 @@ def fit_bundle(
             len(history_dict["loss"]), training.epochs, training.patience,
         )  # fmt: skip
     # Held-out errors, in event order: what the live stream should look like to the threshold.
-    # An event's score is the mean over its row's (or window's) features and steps.
+    # Scored as the daemon scores (event_scores: the cap and the weights of the bundle).
     val_errors = feature_errors(reconstruction_errors(x_val, model.predict(x_val, verbose=0)))
     val_scores = event_scores(val_errors, training.error_cap, score_weights)
     quantiles = {str(q): float(np.quantile(val_scores, q)) for q in WARM_START_QUANTILES}
