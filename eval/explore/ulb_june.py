@@ -107,6 +107,9 @@ def main() -> None:
                     help="override training.error_cap (the config's: none)")  # fmt: skip
     ap.add_argument("--only-daemon", action="store_true",
                     help="the daemon's score only, no variants (1 training, not 6)")  # fmt: skip
+    ap.add_argument("--save-errors", type=Path, default=None, metavar="NPZ",
+                    help="write June's per-feature squared errors, labels and scenarios "
+                         "(uncapped, unweighted) for offline score variants")  # fmt: skip
     args = ap.parse_args()
     seed = args.seed
     cfg = load_config(args.config)
@@ -133,6 +136,9 @@ def main() -> None:
     print(f"{args.config}, seed {seed}, scaler {training.scaler}, error cap "
           f"{training.error_cap}: June rows {y.size}, "
           f"frauds by scenario {frauds}")  # fmt: skip
+    if args.save_errors:
+        np.savez_compressed(args.save_errors, errors=err, labels=y, classes=classes,
+                            names=np.array(names))  # fmt: skip
     weights = resolve_weights(names, training.score_weights) if training.score_weights else None
     daemon = event_scores(err, training.error_cap, weights)
     _table("mean squared error (the daemon's score)", y, classes, daemon)
