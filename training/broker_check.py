@@ -25,9 +25,20 @@ the tail before that offset (`state.restore_events` = the training rows, all of 
 replay mode, in batches of the same size. The check confirms from the daemon's metrics that
 it restored every one of them (`restored_rows`).
 
-Refused (exit 2, naming why): delivered labels (the in-process replay delivers them between
-batches at fixed rows; a daemon reads them from a feedback topic as they come), and replays
-with retraining (the daemon run serves one bundle throughout).
+Delivered labels (label_rate columns): the in-process replay delivers the labels that fall
+due inside a batch before it (`training.evaluate.label_spans`), where they change no feature.
+Here they go to a feedback topic as `{"type": "label", ...}` messages, in lockstep with the
+test rows: the labels due before the first test row before the daemon starts, then, chunk by
+chunk of whole batches, a chunk's labels, and its rows once the daemon's metrics show it has
+applied them, and the next chunk once it has scored those. A chunk spans at most as long as
+labels may come early without changing a feature, so the daemon's features are the
+in-process ones, batch for batch.
+
+Refused (exit 2, naming why): replays with retraining (the daemon run serves one bundle
+throughout); delivered labels where the in-process replay cuts batches where labels fall due
+(a label delay longer than a column's, or a test batch spanning more than the delay), or
+with per-entity thresholds (the daemon's restore scores the earlier rows before it has read
+their labels).
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -44,6 +56,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +74,7 @@ ROOT = Path(__file__).resolve().parent.parent  # where `python -m streamer` impo
 # are cut by size (checked, not assumed); the partial last batch waits this long.
 MAX_WAIT_SECONDS = 5.0
 MISMATCH_OFFSETS = 10  # offsets listed per series and side in the result
+FEEDBACK_POLL_SECONDS = 0.1  # the daemon's control.poll_seconds when labels are fed
 
 
 class BrokerCheckError(Exception):
@@ -70,11 +84,22 @@ class BrokerCheckError(Exception):
 def refusal(config: Any) -> str | None:
     """Why the broker check cannot compare like with like for this eval config (None: it
     can). Read from the config, so it is refused before any training."""
-    if config.features.labeled or config.replay.label_delay_seconds is not None:
-        return (
-            "the features use delivered labels (label_rate): the in-process replay delivers "
-            "them between batches, a daemon gets them from a feedback topic"
-        )
+    from training.datasets import label_delay
+    from training.evaluate import early_label_seconds
+
+    spec = config.features
+    if spec.labeled:
+        delay = config.replay.label_delay_seconds
+        if early_label_seconds(spec, label_delay(spec) if delay is None else delay) is None:
+            return (
+                "replay.label_delay_seconds is longer than a label_rate column's delay: the "
+                "in-process replay cuts batches where labels fall due, the daemon by size"
+            )
+        if config.detectors and config.detectors[0].threshold.per_entity:
+            return (
+                "delivered labels with per-entity thresholds: the daemon's restore scores "
+                "the earlier rows before it has read their labels"
+            )
     if config.replay.retrain_every_rows is not None:
         return (
             "replay.retrain_every_rows swaps in retrained bundles mid-replay; the daemon run "
@@ -87,13 +112,18 @@ def to_toml(doc: dict[str, Any]) -> str:
     """A settings document as TOML: scalars first, then one `[table]` per top-level dict;
     deeper values inline; None left out (the default).
 
-    >>> print(to_toml({"a": 1, "t": {"s": "x", "l": [1.5, {"k": True}], "n": None}}), end="")
+    >>> print(to_toml({"a": 1, "t": {"s": "x", "l": [1.5, {"k": True}], "n": None,
+    ...                               "w": {"a.*": 0.0}}}), end="")
     a = 1
     <BLANKLINE>
     [t]
     s = "x"
     l = [1.5, { k = true }]
+    w = { "a.*" = 0.0 }
     """
+
+    def key(k: str) -> str:  # a bare key, or quoted (a score_weights pattern, say)
+        return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
 
     def value(v: Any) -> str:
         if isinstance(v, bool):
@@ -107,7 +137,7 @@ def to_toml(doc: dict[str, Any]) -> str:
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
         if isinstance(v, dict):
-            items = ", ".join(f"{k} = {value(x)}" for k, x in v.items() if x is not None)
+            items = ", ".join(f"{key(k)} = {value(x)}" for k, x in v.items() if x is not None)
             return "{ " + items + " }"
         raise TypeError(f"no TOML for {v!r}")
 
@@ -146,10 +176,16 @@ def daemon_settings(
         state = msgspec.structs.replace(
             state, restore_events=history, restore_timeout_seconds=timeout_seconds
         )
+    control = settings.control
+    if topics.feedback:  # polled often: the check waits for each chunk's labels to apply
+        control = msgspec.structs.replace(
+            control, feedback_topic=topics.feedback, poll_seconds=FEEDBACK_POLL_SECONDS
+        )
     return msgspec.structs.replace(
         settings,
         kafka=kafka,
         state=state,
+        control=control,
         batch=BatchSettings(max_batch_size=batch_size, max_wait_seconds=MAX_WAIT_SECONDS),
         metrics=MetricsSettings(host="127.0.0.1", port=port),
         log_level="INFO",
@@ -170,14 +206,83 @@ class Topics:
     alerts: str
     dead_letters: str
     group: str
+    feedback: str | None = None  # label feedback, for label_rate features
 
     @classmethod
-    def fresh(cls, name: str) -> Topics:
+    def fresh(cls, name: str, feedback: bool = False) -> Topics:
         token = f"{_slug(name)}-{uuid.uuid4().hex[:8]}"
-        return cls(f"eval-in-{token}", f"eval-alerts-{token}", f"eval-dlq-{token}", f"eval-{token}")
+        return cls(
+            f"eval-in-{token}", f"eval-alerts-{token}", f"eval-dlq-{token}", f"eval-{token}",
+            f"eval-feedback-{token}" if feedback else None,
+        )  # fmt: skip
 
     def all(self) -> list[str]:
-        return [self.input, self.alerts, self.dead_letters]
+        return [self.input, self.alerts, self.dead_letters, *filter(None, [self.feedback])]
+
+
+@dataclass
+class Feedback:
+    """The label messages of one series for the feedback topic: those due before its first
+    test row, then for each chunk of test rows [a, b) (counted from the first test row) those
+    that fall due inside it, delivered before its rows."""
+
+    before: list[bytes]
+    chunks: list[tuple[int, int, list[bytes]]]
+
+    @property
+    def messages(self) -> int:
+        return len(self.before) + sum(len(labels) for _, _, labels in self.chunks)
+
+
+def feedback_plan(
+    series: Any, spec: Any, fields: list[str], delay: float, batch_size: int
+) -> Feedback:
+    """What the in-process replay delivers (`training.evaluate.replay`), as feedback
+    messages, in chunks of whole batches that span at most as long as labels may come early
+    without changing a feature (`training.evaluate.early_label_seconds`)."""
+    from streamer.features import LabelRate
+    from streamer.labels import deliveries
+    from training.evaluate import _spans, early_label_seconds, label_spans
+
+    n0, n, seconds = series.n_train, series.n, series.seconds
+    due = dict(deliveries(seconds, series.labels, delay))
+    early = early_label_seconds(spec, delay)
+    if early is None or label_spans(n0, n, batch_size, due, seconds, early) != _spans(
+        n0, n, batch_size, ()
+    ):
+        raise BrokerCheckError(
+            f"{series.name}: a test batch spans more than labels may come early ({early} s), "
+            "so the in-process replay cuts it where labels fall due; the daemon cuts by size"
+        )
+    clock = np.maximum.accumulate(seconds)
+    points = sorted(due)
+    keys = sorted({spec.key_of(c) for c in spec.columns if isinstance(c, LabelRate)})
+    encode = msgspec.json.Encoder().encode
+
+    def labels(lo: int, hi: int) -> list[bytes]:
+        out = []
+        for i in points[bisect_left(points, lo) : bisect_left(points, hi)]:
+            for j in due[i]:
+                row = next(series.event_rows(fields, int(j), int(j) + 1))
+                out += [
+                    encode({"type": "label", "key_field": k, "key": row[k],
+                            "event_id": row[spec.id_field], "event_time": row[spec.time_field],
+                            "anomaly": True})
+                    for k in keys
+                ]  # fmt: skip
+        return out
+
+    def span(lo: int, hi: int) -> float:  # as label_spans measures a batch
+        return float(clock[hi - 1] - seconds[lo:hi].min())
+
+    chunks, a = [], n0
+    while a < n:
+        b = min(a + batch_size, n)
+        while b < n and span(a, min(b + batch_size, n)) <= early:
+            b = min(b + batch_size, n)
+        chunks.append((a - n0, b - n0, labels(a, b)))
+        a = b
+    return Feedback(labels(0, n0), chunks)
 
 
 def _slug(name: str) -> str:
@@ -197,6 +302,7 @@ class SeriesCheck:
     cuts_checked: bool
     dead_letters: int
     restored: int = 0  # earlier rows the daemon's restore replayed (history)
+    labels: int = 0  # label messages fed to the daemon's feedback topic
     max_score_difference: float | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -217,17 +323,18 @@ def run_series(
     work_dir: Path,
     timeout_seconds: float,
     history: list[tuple[bytes, int]] | None = None,
+    feedback: Feedback | None = None,
 ) -> SeriesCheck:
     """Produce `messages` (value, timestamp ms) to fresh topics, run the daemon over them,
     and compare its alerts with `in_process_flags` (one per message).
 
     `history`: rows produced before `messages` and not scored: the group starts at the first
     message, and the daemon's state restore replays all of them, as the in-process replay
-    does the training rows."""
+    does the training rows. `feedback`: label messages, fed in lockstep with `messages`."""
     from kafka.admin import NewTopic
 
     started = time.monotonic()
-    topics = Topics.fresh(name)
+    topics = Topics.fresh(name, feedback=feedback is not None)
     admin = _admin(bootstrap)
     try:
         forever = {"retention.ms": "-1"}  # event times may be years old: keep them anyway
@@ -237,7 +344,15 @@ def run_series(
         )
         history = history or []
         try:
-            _produce(bootstrap, topics.input, history + messages)
+            lockstep = None
+            if feedback is None:
+                _produce(bootstrap, topics.input, history + messages)
+            else:
+                assert topics.feedback is not None
+                _produce(bootstrap, topics.input, history)
+                _produce(bootstrap, topics.feedback, [(m, -1) for m in feedback.before])
+                lockstep = _Lockstep(bootstrap, topics, feedback, messages, len(history),
+                                     batch_size)  # fmt: skip
             if history:
                 _commit(bootstrap, topics.group, topics.input, len(history))
             port = _free_port()
@@ -249,7 +364,7 @@ def run_series(
             write_settings(cfg, path)
             batches, cuts_checked, restored = _run_daemon(
                 path, port, work_dir / f"{topics.group}.log", topics, len(messages),
-                batch_size, timeout_seconds,
+                batch_size, timeout_seconds, lockstep,
             )  # fmt: skip
             if restored != len(history):
                 raise BrokerCheckError(
@@ -279,6 +394,7 @@ def run_series(
         series=name,
         rows=len(messages),
         restored=restored,
+        labels=feedback.messages if feedback else 0,
         in_process=np.flatnonzero(in_process_flags).tolist(),
         broker=broker,
         batches=batches,
@@ -317,6 +433,7 @@ def summary(detector: str, checks: list[SeriesCheck], seconds: float) -> dict[st
         "series": len(checks),
         "rows": sum(c.rows for c in checks),
         "restored_rows": sum(c.restored for c in checks),
+        "labels_fed": sum(c.labels for c in checks),
         "alerts_in_process": sum(len(c.in_process) for c in checks),
         "alerts_broker": sum(len(c.broker) for c in checks),
         "identical_series": sum(c.identical for c in checks),
@@ -333,11 +450,12 @@ def summary(detector: str, checks: list[SeriesCheck], seconds: float) -> dict[st
 
 def headline(check: dict[str, Any]) -> str:
     verdict = "identical" if check["identical"] else "DIFFERENT"
-    restored = check.get("restored_rows", 0)
+    restored, labels = check.get("restored_rows", 0), check.get("labels_fed", 0)
     return (
         f"  broker check ({check['detector']}): {verdict}: {check['identical_series']}/"
         f"{check['series']} series, {check['rows']} rows"
         + (f" (state restored from {restored} earlier)" if restored else "")
+        + (f" ({labels} labels fed)" if labels else "")
         + ", alerts in-process "
         f"{check['alerts_in_process']} / through Kafka {check['alerts_broker']}, "
         f"{check['seconds']:.0f}s"
@@ -357,7 +475,10 @@ def _admin(bootstrap: str) -> Any:
         raise BrokerCheckError(f"--broker {bootstrap}: {exc}") from exc
 
 
-def _produce(bootstrap: str, topic: str, messages: list[tuple[bytes, int]]) -> None:
+def _produce(
+    bootstrap: str, topic: str, messages: list[tuple[bytes, int]], first_offset: int = 0
+) -> None:
+    """Produce (value, timestamp ms; -1: now) to partition 0, which must be at `first_offset`."""
     from kafka import KafkaProducer
 
     producer = KafkaProducer(
@@ -366,14 +487,14 @@ def _produce(bootstrap: str, topic: str, messages: list[tuple[bytes, int]]) -> N
     )  # fmt: skip
     try:
         futures = [
-            producer.send(topic, value=value, timestamp_ms=ts, partition=0)
+            producer.send(topic, value=value, timestamp_ms=None if ts < 0 else ts, partition=0)
             for value, ts in messages
         ]
         producer.flush()
-        for k, f in enumerate(futures):
+        for k, f in enumerate(futures, first_offset):
             offset = f.get(timeout=30).offset
             if offset != k:
-                raise BrokerCheckError(f"{topic}: row {k} landed at offset {offset}")
+                raise BrokerCheckError(f"{topic}: message {k} landed at offset {offset}")
     finally:
         producer.close()
 
@@ -396,6 +517,53 @@ def _samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+class _Lockstep:
+    """Feeds a series' test rows and their labels chunk by chunk (`Feedback`): a chunk's
+    labels; its rows once the daemon's metrics show every label so far applied; the next
+    chunk once the daemon has scored the chunk's batches."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        feedback: Feedback,
+        messages: list[tuple[bytes, int]],
+        first_offset: int,
+        batch_size: int,
+    ) -> None:
+        self.bootstrap, self.topics, self.feedback = bootstrap, topics, feedback
+        self.messages, self.first_offset, self.batch_size = messages, first_offset, batch_size
+        self.labels_sent = len(feedback.before)
+        self.k = 0  # the chunk in hand
+        self.phase = "labels"  # its labels to send; then "rows" to send; then "scored"
+
+    def __call__(self, samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> bool:
+        """One look at the daemon's metrics: produce what is due. True once all is out."""
+        assert self.topics.feedback is not None
+        # Every feedback message the daemon took, whatever its outcome: a refused label would
+        # show as different alerts, not as a wait to the deadline.
+        applied = sum(v for (name, _), v in samples.items() if name == "anomaly_feedback_total")
+        scored = samples.get(("anomaly_batches_total", ()), 0.0) * self.batch_size
+        chunks = self.feedback.chunks
+        while self.k < len(chunks):
+            a, b, labels = chunks[self.k]
+            if self.phase == "labels":
+                out = [(m, -1) for m in labels]
+                _produce(self.bootstrap, self.topics.feedback, out, self.labels_sent)
+                self.labels_sent += len(labels)
+                self.phase = "rows"
+            if self.phase == "rows":
+                if applied < self.labels_sent:
+                    return False
+                rows = self.messages[a:b]
+                _produce(self.bootstrap, self.topics.input, rows, self.first_offset + a)
+                self.phase = "scored"
+            if self.k < len(chunks) - 1 and scored < b:  # the last ends as any run does
+                return False
+            self.k, self.phase = self.k + 1, "labels"
+        return True
+
+
 def _run_daemon(
     config: Path,
     port: int,
@@ -404,11 +572,13 @@ def _run_daemon(
     rows: int,
     batch_size: int,
     timeout_seconds: float,
+    lockstep: _Lockstep | None = None,
 ) -> tuple[int, bool, int]:
     """Run the daemon until it holds every row (scored, or the last partial batch polled),
     then SIGTERM it (it scores and commits what it holds). Returns (batches, cuts_checked,
     restored): whether its batches before the last were all `batch_size` long, as
-    in-process, and how many earlier rows its state restore replayed."""
+    in-process, and how many earlier rows its state restore replayed. `lockstep`: feeds
+    the rows (and their labels) while the daemon runs, from its metrics."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     full = rows // batch_size * batch_size
     lag_key = ("anomaly_consumer_lag", (("partition", "0"), ("topic", topics.input)))
@@ -421,6 +591,7 @@ def _run_daemon(
             deadline = time.monotonic() + timeout_seconds
             consumed = batches = restored = 0.0
             all_full = False  # seen: the rows before the partial last batch, in full batches
+            fed = lockstep is None  # every row produced
             while True:
                 if proc.poll() is not None:
                     raise BrokerCheckError(
@@ -437,13 +608,16 @@ def _run_daemon(
                 except (OSError, urllib.error.URLError):
                     time.sleep(0.2)
                     continue
+                if not fed:
+                    assert lockstep is not None
+                    fed = lockstep(samples)
                 consumed = samples.get(("anomaly_events_consumed_total", ()), 0.0)
                 batches = samples.get(("anomaly_batches_total", ()), 0.0)
                 restored = samples.get(("anomaly_state_restored_events_total", ()), 0.0)
                 # k batches of at most batch_size rows hold k * batch_size rows: all full.
                 all_full = all_full or (consumed == full and batches * batch_size == full)
                 # The rest is in the daemon's hands once its position reached the end.
-                if consumed >= rows or (consumed >= full and samples.get(lag_key) == 0.0):
+                if fed and (consumed >= rows or (consumed >= full and samples.get(lag_key) == 0.0)):
                     break
                 time.sleep(0.2)
             # The partial last batch is cut where the rows end, scored by the deadline or on

@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from itertools import pairwise
@@ -247,6 +248,47 @@ def _spans(lo: int, hi: int, size: int, cuts: Any) -> list[tuple[int, int]]:
     return list(pairwise(points))
 
 
+def early_label_seconds(spec: FeatureSpec, delay_seconds: float) -> float | None:
+    """How long before its due time a label may reach the state without changing any
+    feature (None: not at all).
+
+    A label_rate column at time t counts the labels of events in the whole hours before the
+    hour holding t - d (its `delay_seconds`). A label delivered `delay_seconds` = L after its
+    event, and early, is one whose event is after t - L: when L <= d, after t - d, so no
+    column counts it yet. Up to L early, the newest label a key holds is at most at t, so
+    the store's horizon (the columns' reach, an hour more than window + d) still keeps every
+    label a column counts. Labels delivered up to that early give the features of labels
+    delivered on time, while the store holds every labeled key (`state.max_entities`).
+
+    >>> from streamer.features import LabelRate
+    >>> spec = FeatureSpec("p", "e", "t", [LabelRate(windows_seconds=[3600.0],
+    ...     delay_seconds=7200.0)], id_field="id")
+    >>> early_label_seconds(spec, 7200.0), early_label_seconds(spec, 10800.0)
+    (7200.0, None)
+    """
+    if delay_seconds > label_delay(spec):
+        return None
+    return delay_seconds
+
+
+def label_spans(
+    lo: int, hi: int, size: int, due: Any, seconds: np.ndarray, early: float | None
+) -> list[tuple[int, int]]:
+    """[lo, hi) in batches of `size`, as the daemon cuts them; the labels that fall due
+    inside a batch are delivered before it, as the daemon applies feedback between batches.
+    A batch whose rows span more than `early` seconds (from its earliest event time to the
+    latest time seen by its end) would get some labels too early to be harmless
+    (`early_label_seconds`): it is cut before each row in `due` instead."""
+    clock = np.maximum.accumulate(seconds) if seconds.size else seconds
+    out: list[tuple[int, int]] = []
+    for a, b in _spans(lo, hi, size, ()):
+        if early is not None and (not due or clock[b - 1] - seconds[a:b].min() <= early):
+            out.append((a, b))
+        else:
+            out.extend(_spans(a, b, size, due))
+    return out
+
+
 def row_messages(
     series: Series, fields: list[str], start: int, stop: int
 ) -> list[tuple[bytes, int]]:
@@ -271,10 +313,13 @@ def replay(
 ) -> Run:
     """Feed the test rows to a Pipeline as JSON messages, batch by batch, as the daemon does.
 
-    With label_rate features, each anomalous row's label reaches the pipeline's state
-    `label_delay_seconds` after its event time (`streamer.labels.deliveries`), never
-    earlier: a batch is cut where labels become due, and they are delivered between the
-    parts, as the daemon applies feedback between batches.
+    With label_rate features, each anomalous row's label is due `label_delay_seconds` after
+    its event time (`streamer.labels.deliveries`). The labels that fall due inside a batch
+    reach the pipeline's state before it, as the daemon applies feedback between batches
+    (`label_spans`); that early they change no feature (`early_label_seconds`), so the
+    features are those of training, where each label counts from its due time. Where they
+    would (a label delay longer than a column's, or a batch spanning more than the delay),
+    the batch is cut where labels become due instead.
 
     `reloads` maps a test row to the pipeline that scores from that row on (a retrained
     bundle's, swapped in between batches as the daemon's hot reload does); batches restart
@@ -301,37 +346,44 @@ def replay(
         ]
 
     due: dict[int, np.ndarray] = {}
+    early: float | None = 0.0  # no labels: nothing is early
     spec = pipeline.spec
     if spec.labeled:
         delay = label_delay(spec) if label_delay_seconds is None else label_delay_seconds
         due = dict(deliveries(series.seconds, series.labels, delay))
+        early = early_label_seconds(spec, delay)
         decode = msgspec.json.Decoder(spec.event_type()).decode
         aggregates = pipeline.state.aggregates
+    points = sorted(due)
 
-    def deliver(a: int) -> None:
-        for j in due.get(a, ()):
-            row = next(series.event_rows(fields, int(j), int(j) + 1))
-            aggregates.confirm(decode(encode(row)))
+    def deliver(a: int, b: int) -> None:
+        """The labels that fall due in rows [a, b): at a, before the batch."""
+        for i in points[bisect_left(points, a) : bisect_left(points, b)]:
+            for j in due[i]:
+                row = next(series.event_rows(fields, int(j), int(j) + 1))
+                aggregates.confirm(decode(encode(row)))
+
+    def spans(lo: int, hi: int) -> list[tuple[int, int]]:
+        return label_spans(lo, hi, batch_size, due, series.seconds, early)
 
     if pipeline.state.needs_history:
         # A daemon that ran through the training period holds its per-entity state (aggregates,
         # windows, entity thresholds): rebuild it from the training rows as the daemon's restore
         # does (replay=True: no alerts, global threshold untouched), so the test part does not
         # start from empty state. Training rows' labels arrive as they would have.
-        for a, b in _spans(0, n0, batch_size, due):
-            deliver(a)
+        for a, b in spans(0, n0):
+            deliver(a, b)
             pipeline.process(batch(a, b), replay=True)
     reloads = reloads or {}
     bounds = [n0, *sorted(r for r in reloads if n0 < r < series.n), series.n]
-    spans = [ab for lo, hi in pairwise(bounds) for ab in _spans(lo, hi, batch_size, due)]
-    for a, b in spans:
+    for a, b in [ab for lo, hi in pairwise(bounds) for ab in spans(lo, hi)]:
         swapped = reloads.get(a)
         if swapped is not None:
             pipeline = swapped
             if pipeline.state.needs_history:
                 for lo, hi in _spans(max(0, a - restore_rows), a, batch_size, ()):
                     pipeline.process(batch(lo, hi), replay=True)
-        deliver(a)
+        deliver(a, b)
         messages = batch(a, b)
         result = pipeline.process(messages)
         run.dead_letters += len(result.dead_letters)
@@ -551,6 +603,15 @@ def _broker_check(
             if build_pipeline(settings, b, scorer).state.needs_history
             else None
         )
+        # Delivered labels: the ones the in-process replay delivered, as feedback messages.
+        feedback = None
+        if config.features.labeled:
+            delay = config.replay.label_delay_seconds
+            feedback = broker_check.feedback_plan(
+                s, config.features, fields,
+                label_delay(config.features) if delay is None else delay,
+                config.replay.batch_size,
+            )  # fmt: skip
         scores = {int(k): float(run.scores[k]) for k in np.flatnonzero(run.flags)}
         check = broker_check.run_series(
             bootstrap,
@@ -563,6 +624,7 @@ def _broker_check(
             out_dir / "broker",
             timeout_seconds=120.0 + (s.n - (s.n_train if history is None else 0)) / 50.0,
             history=history,
+            feedback=feedback,
         )
         log.info(
             "broker check %s: %d rows, alerts in-process %d, through Kafka %d%s",

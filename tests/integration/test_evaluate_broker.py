@@ -9,7 +9,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from tests.unit.test_evaluate import _to_toml, sensor_config, sensor_csvs
+from tests.unit.test_evaluate import _to_toml, sensor_config, sensor_csvs, write_csv
 from training.evaluate import main
 
 
@@ -88,3 +88,48 @@ def test_broker_replay_restores_per_entity_history(
     assert check["identical"] and not check["mismatches"]
     assert check["alerts_broker"] == check["alerts_in_process"] >= 2
     assert check["cuts_checked_series"] == 2 and check["max_score_difference"] < 1e-9
+
+
+def payment_csvs(tmp_path: Path) -> Path:
+    """A payment a minute for 12 hours (720 rows, 360 for training); every payment at shop 1
+    during rows 120-179 and 450-519 is fraud, with an ordinary amount: only its labels, due
+    an hour later, show it (the shop's confirmed-fraud rate over the hour before that)."""
+    rng = np.random.default_rng(5)
+    n = 720
+    shops, amounts = rng.integers(0, 4, n), rng.lognormal(3, 0.5, n).round(2)
+    fraud = np.zeros(n, dtype=int)
+    for lo, hi in ((120, 180), (450, 520)):
+        fraud[lo:hi] = shops[lo:hi] == 1
+    rows = [[f"2020-05-01T{i // 60:02d}:{i % 60:02d}:00", shops[i], amounts[i], fraud[i]]
+            for i in range(n)]  # fmt: skip
+    write_csv(tmp_path / "data" / "pay.csv", ["time", "shop", "amount", "label"], rows)
+    rate = {"kind": "label_rate", "key": "shop", "windows_seconds": [3600],
+            "delay_seconds": 3600, "stats": ["count", "rate"]}  # fmt: skip
+    cfg = sensor_config(
+        tmp_path / "data", "broker-check-labels",
+        replay={"batch_size": 9, "label_delay_seconds": 3600},
+        detectors=[{"name": "plain", "threshold": {"quantile": 0.97, "window_size": 300,
+                                                   "min_samples": 20}}],
+        baselines={"b1": False, "b2": False},
+    )  # fmt: skip
+    columns = [{"kind": "log1p", "field": "amount"}, rate]
+    cfg["features"] = {**cfg["features"], "columns": columns}  # type: ignore[dict-item]
+    cfg["data"] = {**cfg["data"], "split": {"train_rows": 360}}  # type: ignore[dict-item]
+    return _written(tmp_path, cfg)
+
+
+def test_broker_replay_feeds_labels_in_lockstep(
+    kafka_bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Label feedback through a real feedback topic: the labels due before the test part,
+    then each chunk's labels before its rows; the daemon's label rates, and so its alerts,
+    are the in-process replay's."""
+    out = tmp_path / "out"
+    args = ["--config", str(payment_csvs(tmp_path)), "--out", str(out), "--no-report"]
+    assert main([*args, "--broker", kafka_bootstrap]) == 0
+    assert "labels fed)" in capsys.readouterr().out
+    check = msgspec.json.decode((out / "result.json").read_bytes())["broker_check"]
+    assert check["identical"] and not check["mismatches"] and check["rows"] == 360
+    assert check["labels_fed"] > 20 and check["restored_rows"] == 360
+    assert check["alerts_broker"] == check["alerts_in_process"] >= 2
+    assert check["cuts_checked_series"] == 1 and check["max_score_difference"] < 1e-9

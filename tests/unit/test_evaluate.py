@@ -545,14 +545,17 @@ def test_seed_flag_overrides_the_training_seed(tmp_path: Path) -> None:
     assert result["config"]["training"]["seed"] == 7
 
 
-def test_replay_delivers_labels_at_their_time_and_matches_training_features() -> None:
+def _label_replay(delay: float, gaps: list[float]) -> tuple[Any, Any, Any, Any]:
+    """Replay a series with a label_rate column (delay 2 hours) through a stand-in Pipeline
+    that builds features with its state and records, per batch, its first event time and
+    the labels delivered so far; labels come `delay` after their events."""
     from streamer.aggregates import AggregateState
     from streamer.features import FeatureSpec, LabelRate, Log1p, build_features
     from streamer.pipeline import BatchResult
     from streamer.state import EntityState
     from streamer.threshold import RollingQuantileThreshold
     from training.adapters import Series
-    from training.evaluate import event_fields, features, replay
+    from training.evaluate import event_fields, replay
 
     hour = 3600.0
     spec = FeatureSpec(
@@ -561,8 +564,8 @@ def test_replay_delivers_labels_at_their_time_and_matches_training_features() ->
                                                   delay_seconds=2 * hour)],
     )  # fmt: skip
     rng = np.random.default_rng(4)
-    n, n_train, delay = 600, 400, 3 * hour  # labels come later than the columns need
-    seconds = np.cumsum(rng.choice([0.0, 60.0, 300.0, 900.0], n)) + 1e6
+    n, n_train = 600, 400
+    seconds = np.cumsum(rng.choice(gaps, n)) + 1e6
     series = Series(
         name="s", group="g",
         columns={"card": rng.integers(0, 9, n), "shop": rng.integers(0, 4, n),
@@ -571,15 +574,13 @@ def test_replay_delivers_labels_at_their_time_and_matches_training_features() ->
     )  # fmt: skip
 
     class Recorder:
-        """Stands in for the Pipeline: builds features with its state and checks the labels
-        delivered so far are those due (event time + delay not after the batch's first)."""
-
         def __init__(self) -> None:
             self.spec = spec
             self.state = EntityState(aggregates=AggregateState(spec))
             self.threshold = RollingQuantileThreshold(100, 0.99, 10)
             self.ranges = None  # no threshold.range_tolerance
             self.rows: list[np.ndarray] = []
+            self.batches: list[tuple[float, list[float]]] = []
             self.decode = msgspec.json.Decoder(spec.event_type()).decode
             self.delivered: list[float] = []
             confirm = self.state.aggregates.confirm
@@ -587,26 +588,70 @@ def test_replay_delivers_labels_at_their_time_and_matches_training_features() ->
 
         def process(self, messages: list, replay: bool = False) -> BatchResult:
             events = [self.decode(m.value) for m in messages]
-            first = events[0].ts
-            due = np.sort(series.seconds[(series.seconds + delay <= first) & (series.labels > 0)])
-            np.testing.assert_array_equal(np.sort(self.delivered), due)  # all due, none early
+            self.batches.append((events[0].ts, list(self.delivered)))
             x = build_features(spec, events, self.state.aggregates)
             self.rows.append(x)
             return BatchResult(len(messages), [], [], x[:, 0], 0.0, scored=list(messages))
 
     fake = Recorder()
     run = replay(fake, series, event_fields(spec), 50, 3, delay)
+    return fake, run, series, spec
+
+
+def test_replay_delivers_late_labels_at_their_time_and_matches_training_features() -> None:
+    """Labels later than the columns need (3 hours against 2): every batch is cut where
+    labels fall due, and each gets all labels due by its first event, none early."""
+    from training.evaluate import features
+
+    delay = 3 * 3600.0
+    fake, run, series, spec = _label_replay(delay, [0.0, 60.0, 300.0, 900.0])
+    for first, delivered in fake.batches:
+        s, y = series.seconds, series.labels
+        due = np.sort(s[(s + delay <= first) & (y > 0)])
+        np.testing.assert_array_equal(np.sort(delivered), due)  # all due, none early
+    assert len(fake.batches) > 600 / 50 + 2  # cut where labels fall due
     got = np.vstack(fake.rows)
-    want = features(spec, series, 0, n, delay).features
+    want = features(spec, series, 0, series.n, delay).features
     np.testing.assert_array_equal(got, want)
     assert np.isfinite(run.scores).all() and want[:, 3].max() > 0  # some 5h rates seen
     # Labels that arrived earlier (immediately) would change the features: the test can fail.
-    early = features(spec, series, 0, n, 0.0).features
+    early = features(spec, series, 0, series.n, 0.0).features
     assert not np.array_equal(early, want)
     with pytest.raises(ValueError, match="label_rate columns \\(keyed by shop\\)"):
         from training.datasets import from_events
 
         from_events(spec, [])
+
+
+def test_replay_delivers_labels_before_the_batch_they_fall_due_in() -> None:
+    """Labels as late as the columns need (2 hours) and batches spanning less: the batches
+    are cut by size alone, as the daemon cuts them, and the labels that fall due inside one
+    are delivered before it; early as some are, the features are training's."""
+    from training.evaluate import features
+
+    delay = 2 * 3600.0
+    fake, _, series, spec = _label_replay(delay, [0.0, 30.0, 60.0, 120.0])
+    assert len(fake.batches) == 400 // 50 + 200 // 50  # no cuts but the batch size
+    s, y = series.seconds, series.labels
+    early = [sum(t + delay > first for t in delivered) for first, delivered in fake.batches]
+    assert sum(early) > 10  # labels not due yet at the batch's first event were delivered
+    got = np.vstack(fake.rows)
+    want = features(spec, series, 0, series.n, delay).features
+    np.testing.assert_array_equal(got, want)
+    assert want[:, 3].max() > 0
+    for first, delivered in fake.batches:  # and every label due by then was delivered
+        assert set(s[(s + delay <= first) & (y > 0)]) <= set(delivered)
+
+
+def test_label_spans_cut_where_labels_fall_due_only_in_batches_that_span_too_long() -> None:
+    from training.evaluate import label_spans
+
+    seconds = np.array([0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 12.0, 13.0])
+    due = {1: None, 5: None}
+    assert label_spans(0, 8, 4, due, seconds, early=3.0) == [(0, 4), (4, 8)]
+    assert label_spans(0, 8, 4, due, seconds, early=2.0) == [(0, 1), (1, 4), (4, 5), (5, 8)]
+    assert label_spans(0, 8, 4, due, seconds, early=None) == [(0, 1), (1, 4), (4, 5), (5, 8)]
+    assert label_spans(0, 8, 4, {}, seconds, early=None) == [(0, 4), (4, 8)]
 
 
 # -- periodic retraining -----------------------------------------------------------------------
