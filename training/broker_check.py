@@ -536,6 +536,16 @@ class _Lockstep:
         self.labels_sent = len(feedback.before)
         self.k = 0  # the chunk in hand
         self.phase = "labels"  # its labels to send; then "rows" to send; then "scored"
+        self.applied = 0.0  # feedback messages the daemon has taken, at the last look
+
+    def progress(self) -> str:
+        """Where the feed stands, for an error message."""
+        waiting = {"labels": "to send its labels", "rows": "for its labels to apply",
+                   "scored": "for its rows to be scored"}[self.phase]  # fmt: skip
+        return (
+            f"chunk {self.k + 1} of {len(self.feedback.chunks)}, waiting {waiting}; "
+            f"feedback messages applied {self.applied:.0f} of {self.labels_sent}"
+        )
 
     def __call__(self, samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> bool:
         """One look at the daemon's metrics: produce what is due. True once all is out."""
@@ -543,6 +553,7 @@ class _Lockstep:
         # Every feedback message the daemon took, whatever its outcome: a refused label would
         # show as different alerts, not as a wait to the deadline.
         applied = sum(v for (name, _), v in samples.items() if name == "anomaly_feedback_total")
+        self.applied = applied
         scored = samples.get(("anomaly_batches_total", ()), 0.0) * self.batch_size
         chunks = self.feedback.chunks
         while self.k < len(chunks):
@@ -599,9 +610,11 @@ def _run_daemon(
                         + _tail(log_path)
                     )
                 if time.monotonic() > deadline:
+                    fed_note = "" if lockstep is None else f" ({lockstep.progress()})"
                     raise BrokerCheckError(
                         f"the daemon consumed {consumed:.0f} of {rows} rows in "
-                        f"{timeout_seconds:.0f}s; see its log {log_path}:\n" + _tail(log_path)
+                        f"{timeout_seconds:.0f}s{fed_note}; see its log {log_path}:\n"
+                        + _tail(log_path)
                     )
                 try:
                     samples = _samples(port)

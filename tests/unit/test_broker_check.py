@@ -174,3 +174,38 @@ def test_feedback_plan_feeds_whole_batches_no_earlier_than_harmless() -> None:
     first = sent[0]
     assert first["key"] == series.columns["shop"][first["event_id"]]
     assert first["event_time"] == seconds[first["event_id"]]
+
+
+def test_lockstep_sends_rows_only_after_their_labels_and_chunks_after_scoring(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The feed's order, from the daemon's metrics alone: a chunk's labels, its rows once
+    every label is applied, the next chunk once its batches are scored."""
+    from training import broker_check
+    from training.broker_check import Feedback, _Lockstep
+
+    sent: list[tuple[str, int, int]] = []  # (topic, first offset, messages)
+    monkeypatch.setattr(
+        broker_check, "_produce", lambda _b, t, m, first=0: sent.append((t, first, len(m)))
+    )
+    topics = Topics("in", "alerts", "dlq", "group", "fb")
+    plan = Feedback([b"l0"], [(0, 4, [b"l1", b"l2"]), (4, 8, []), (8, 10, [b"l3"])])
+    rows = [(b"r", 0)] * 10
+    feed = _Lockstep("b", topics, plan, rows, first_offset=100, batch_size=2)
+
+    def look(applied: float, batches: float) -> bool:
+        samples = {
+            ("anomaly_feedback_total", (("outcome", "applied"), ("type", "label"))): applied,
+            ("anomaly_batches_total", ()): batches,
+        }
+        return feed(samples)
+
+    assert not look(0, 0) and sent == [("fb", 1, 2)]  # chunk 1's labels, after the one before
+    assert not look(2, 0) and len(sent) == 1  # 2 of 3 labels applied: no rows yet
+    assert "chunk 1 of 3, waiting for its labels to apply" in feed.progress()
+    assert not look(3, 0) and sent[-1] == ("in", 100, 4)  # chunk 1's rows
+    assert not look(3, 1) and len(sent) == 2  # 1 of its 2 batches scored
+    # Scored: chunk 2 has no labels, so its rows go at once; then wait for them.
+    assert not look(3, 2) and sent[2:] == [("fb", 3, 0), ("in", 104, 4)]
+    assert not look(3, 4) and sent[-1] == ("fb", 3, 1)  # chunk 3's label
+    assert look(4, 4) and sent[-1] == ("in", 108, 2)  # the last rows: all out
