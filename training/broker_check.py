@@ -89,8 +89,7 @@ def refusal(config: Any) -> str | None:
 
     spec = config.features
     if spec.labeled:
-        delay = config.replay.label_delay_seconds
-        if early_label_seconds(spec, label_delay(spec) if delay is None else delay) is None:
+        if early_label_seconds(spec, label_delay(spec, config.replay.label_delay_seconds)) is None:
             return (
                 "replay.label_delay_seconds is longer than a label_rate column's delay: the "
                 "in-process replay cuts batches where labels fall due, the daemon by size"
@@ -242,7 +241,7 @@ def feedback_plan(
     without changing a feature (`training.evaluate.early_label_seconds`)."""
     from streamer.features import LabelRate
     from streamer.labels import deliveries
-    from training.evaluate import _spans, early_label_seconds, label_spans
+    from training.evaluate import _spans, batch_span, early_label_seconds, label_spans
 
     n0, n, seconds = series.n_train, series.n, series.seconds
     due = dict(deliveries(seconds, series.labels, delay))
@@ -272,13 +271,10 @@ def feedback_plan(
                 ]  # fmt: skip
         return out
 
-    def span(lo: int, hi: int) -> float:  # as label_spans measures a batch
-        return float(clock[hi - 1] - seconds[lo:hi].min())
-
     chunks, a = [], n0
     while a < n:
         b = min(a + batch_size, n)
-        while b < n and span(a, min(b + batch_size, n)) <= early:
+        while b < n and batch_span(seconds, clock, a, min(b + batch_size, n)) <= early:
             b = min(b + batch_size, n)
         chunks.append((a - n0, b - n0, labels(a, b)))
         a = b

@@ -77,7 +77,7 @@ def from_events(
             )
         if len(labels) != len(events):
             raise ValueError(f"{len(labels)} labels for {len(events)} events")
-        delay = label_delay(spec) if label_delay_seconds is None else label_delay_seconds
+        delay = label_delay(spec, label_delay_seconds)
         parts, start = [], 0
         for i, rows in deliveries(seconds, np.asarray(labels), delay):
             parts.append(build_features(spec, events[start:i], state))
@@ -94,10 +94,12 @@ def from_events(
     return History(x[finite], seconds[finite], int((~finite).sum()), kept)
 
 
-def label_delay(spec: FeatureSpec) -> float:
-    """How long after its event a label becomes known, unless said otherwise: the shortest
-    delay of the spec's label_rate columns (every column's windows then hold only events
-    whose labels are in)."""
+def label_delay(spec: FeatureSpec, said: float | None = None) -> float:
+    """How long after its event a label becomes known: `said` (`replay.label_delay_seconds`)
+    unless None, else the shortest delay of the spec's label_rate columns (every column's
+    windows then hold only events whose labels are in)."""
+    if said is not None:
+        return said
     delays = [c.delay_seconds for c in spec.columns if isinstance(c, LabelRate)]
     if not delays:
         raise ValueError(f"feature spec {spec.profile!r} has no label_rate column")

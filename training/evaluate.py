@@ -271,6 +271,12 @@ def early_label_seconds(spec: FeatureSpec, delay_seconds: float) -> float | None
     return delay_seconds
 
 
+def batch_span(seconds: np.ndarray, clock: np.ndarray, a: int, b: int) -> float:
+    """How far apart in time rows [a, b) are, as early labels see it: from their earliest
+    event time to the latest time seen by the last (`clock`: the running maximum)."""
+    return float(clock[b - 1] - seconds[a:b].min())
+
+
 def label_spans(
     lo: int, hi: int, size: int, due: Any, seconds: np.ndarray, early: float | None
 ) -> list[tuple[int, int]]:
@@ -282,7 +288,7 @@ def label_spans(
     clock = np.maximum.accumulate(seconds) if seconds.size else seconds
     out: list[tuple[int, int]] = []
     for a, b in _spans(lo, hi, size, ()):
-        if early is not None and (not due or clock[b - 1] - seconds[a:b].min() <= early):
+        if early is not None and (not due or batch_span(seconds, clock, a, b) <= early):
             out.append((a, b))
         else:
             out.extend(_spans(a, b, size, due))
@@ -349,7 +355,7 @@ def replay(
     early: float | None = 0.0  # no labels: nothing is early
     spec = pipeline.spec
     if spec.labeled:
-        delay = label_delay(spec) if label_delay_seconds is None else label_delay_seconds
+        delay = label_delay(spec, label_delay_seconds)
         due = dict(deliveries(series.seconds, series.labels, delay))
         early = early_label_seconds(spec, delay)
         decode = msgspec.json.Decoder(spec.event_type()).decode
@@ -606,12 +612,10 @@ def _broker_check(
         # Delivered labels: the ones the in-process replay delivered, as feedback messages.
         feedback = None
         if config.features.labeled:
-            delay = config.replay.label_delay_seconds
+            delay = label_delay(config.features, config.replay.label_delay_seconds)
             feedback = broker_check.feedback_plan(
-                s, config.features, fields,
-                label_delay(config.features) if delay is None else delay,
-                config.replay.batch_size,
-            )  # fmt: skip
+                s, config.features, fields, delay, config.replay.batch_size
+            )
         scores = {int(k): float(run.scores[k]) for k in np.flatnonzero(run.flags)}
         check = broker_check.run_series(
             bootstrap,
