@@ -103,6 +103,7 @@ def build_pipeline(
         drift=DriftMonitor(bundle.drift, settings.drift.window_events) if bundle.drift else None,
         error_cap=bundle.error_cap,
         score_weights=bundle.score_weights,
+        forecast=bundle.forecast,
         ranges=_range_guard(t.range_tolerance, bundle),
     )
 

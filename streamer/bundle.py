@@ -93,6 +93,9 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     error_cap: float | None = None
     # training.score_weights resolved: one weight per feature; None: all equal.
     score_weights: list[float] | None = None
+    # training.forecast: the model rebuilds a window's last row from the rows before it,
+    # and an event's score is that row's error alone (not the window's mean).
+    forecast: bool = False
 
 
 class Parity(msgspec.Struct, forbid_unknown_fields=True):
@@ -137,6 +140,10 @@ class Bundle:
     @property
     def error_cap(self) -> float | None:
         return self.manifest.error_cap
+
+    @property
+    def forecast(self) -> bool:
+        return self.manifest.forecast
 
     @property
     def score_weights(self) -> np.ndarray | None:
@@ -295,6 +302,11 @@ def load(path: Path, expected_spec: FeatureSpec | None = None) -> Bundle:
         raise BundleError(
             f"{MANIFEST_FILE}: score_weights must be one weight >= 0 per feature "
             f"({len(manifest.feature_names)}), not all 0; got {w}"
+        )
+    if manifest.forecast and manifest.model_kind != "dense_window":
+        raise BundleError(
+            f"{MANIFEST_FILE}: forecast needs model_kind 'dense_window', not "
+            f"{manifest.model_kind!r}"
         )
     for name in CONTENT_FILES:
         file = root / name

@@ -307,6 +307,11 @@ class TrainingSettings(_Section, frozen=True):
     # and bottleneck (build_dense_window_autoencoder).
     model: Literal["dense", "lstm", "dense_window"] = "dense"
     window_length: int = 30
+    # dense_window only: the model does not see the window's last row (the event's own) and
+    # rebuilds it from the rows before it, and the score is that row's error alone: a
+    # forecast error, like the surprise of a sequence model, where a plain autoencoder's
+    # error mostly says whether a value lies in the range it was trained on.
+    forecast: bool = False
     # LSTM encoder sizes; the decoder mirrors them ([64, 32] -> 64-32-32-64).
     lstm_units: list[int] = msgspec.field(default_factory=lambda: [64, 32])
     # "standard": mean and standard deviation; "robust": median and IQR / 1.349, so a few
@@ -349,6 +354,10 @@ class TrainingSettings(_Section, frozen=True):
             )
         if self.window_length < 2:
             raise ValueError("training.window_length must be >= 2")
+        if self.forecast and self.model != "dense_window":
+            raise ValueError(
+                f'training.forecast needs training.model = "dense_window", not {self.model!r}'
+            )
         if not self.lstm_units or min(self.lstm_units) < 1:
             raise ValueError("training.lstm_units must be a non-empty list of sizes >= 1")
 

@@ -148,8 +148,14 @@ class NumpyDenseWindowScorer:
 
     @staticmethod
     def save_from_keras(model: Any, path: Path) -> None:
-        """Export Flatten, Dense layers, Reshape (what the builder makes); refuse the rest."""
+        """Export Flatten, Dense layers, Reshape (what the builder makes), after a Cropping1D
+        of the last row (a forecast model); refuse the rest."""
         layers = [layer for layer in model.layers if layer.__class__.__name__ != "InputLayer"]
+        cropped = bool(layers) and layers[0].__class__.__name__ == "Cropping1D"
+        if cropped:
+            if tuple(layers[0].cropping) != (0, 1):
+                raise ValueError(f"cropping {layers[0].cropping} is not the last row's (0, 1)")
+            layers = layers[1:]
         names = [layer.__class__.__name__ for layer in layers]
         if len(names) < 3 or names[0] != "Flatten" or names[-1] != "Reshape":
             raise ValueError(f"layers {names}: not Flatten, Dense..., Reshape; no numpy export")
@@ -157,6 +163,13 @@ class NumpyDenseWindowScorer:
         if len(shape) != 3 or shape[1] is None or tuple(layers[-1].target_shape) != shape[1:]:
             raise ValueError(f"model input {shape} is not (batch, window_length, features)")
         arrays = _dense_arrays(layers[1:-1])
+        if cropped:
+            # Zero weights for the last row's values: the same product as cropping it off,
+            # so the numpy pass needs no layer of its own for it.
+            first = arrays["kernel_0"]
+            arrays["kernel_0"] = np.vstack(
+                [first, np.zeros((shape[2], first.shape[1]), first.dtype)]
+            )
         arrays["window_length"] = np.array(int(shape[1]))
         # Build the scorer once: a model the numpy pass cannot run is refused here, at export.
         NumpyDenseWindowScorer(int(shape[1]), NumpyDenseScorer._from_arrays(arrays))

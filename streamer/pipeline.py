@@ -76,6 +76,7 @@ class Pipeline:
         ranges: RangeGuard | None = None,
         error_cap: float | None = None,
         score_weights: np.ndarray | None = None,
+        forecast: bool = False,
     ) -> None:
         self.spec = spec
         self.scaler = scaler
@@ -92,6 +93,7 @@ class Pipeline:
         # The bundle's: its warm start was scored the same way.
         self.error_cap = error_cap
         self.score_weights = score_weights
+        self.forecast = forecast  # score a window's last row only
         self._decoder = msgspec.json.Decoder(spec.event_type())
         self._names = spec.feature_names()
         self._unit_names = spec.unit_names()
@@ -136,7 +138,7 @@ class Pipeline:
             return BatchResult(len(messages), [], dead, np.empty(0), self.threshold.value)
         t3 = clock()
         recon = self.scorer.reconstruct(model_input)
-        errors = feature_errors(reconstruction_errors(model_input, recon))
+        errors = feature_errors(reconstruction_errors(model_input, recon), self.forecast)
         if recon.ndim == 3:
             recon = recon[:, -1, :]  # explained against the event's own (last) step
         scores = (

@@ -27,9 +27,17 @@ def reconstruction_errors(x: np.ndarray, reconstructed: np.ndarray) -> np.ndarra
     return diff * diff
 
 
-def feature_errors(errors: np.ndarray) -> np.ndarray:
-    """(n, d) per-feature errors: a window's (n, L, d) are averaged over its time steps."""
-    return errors.mean(axis=1) if errors.ndim == 3 else errors
+def feature_errors(errors: np.ndarray, last_step: bool = False) -> np.ndarray:
+    """(n, d) per-feature errors: a window's (n, L, d) are averaged over its time steps, or
+    with `last_step` (a forecast bundle) taken from its last step, the event's own row.
+
+    >>> e = np.array([[[1.0], [3.0]]])
+    >>> feature_errors(e).tolist(), feature_errors(e, last_step=True).tolist()
+    ([[2.0]], [[3.0]])
+    """
+    if errors.ndim != 3:
+        return errors
+    return errors[:, -1, :] if last_step else errors.mean(axis=1)
 
 
 def event_scores(

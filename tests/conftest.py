@@ -188,6 +188,26 @@ def sensors_dense_window_bundle(sensors_dense_window_registry: Path) -> bundles.
     return bundles.load(sensors_dense_window_registry, expected_spec=SENSORS)
 
 
+@pytest.fixture(scope="session")
+def sensors_forecast_bundle(tmp_path_factory: pytest.TempPathFactory) -> bundles.Bundle:
+    """The dense window model with training.forecast: it rebuilds each window's last row
+    from the rows before it (~5 s)."""
+    settings = TrainingSettings(
+        model="dense_window",
+        forecast=True,
+        window_length=10,
+        hidden_units=[32],
+        bottleneck=8,
+        epochs=20,
+        patience=3,
+        batch_size=64,
+        learning_rate=5e-3,
+        seed=7,
+    )
+    registry = _sensor_registry(tmp_path_factory, "sensors-forecast-model", settings)
+    return bundles.load(registry, expected_spec=SENSORS)
+
+
 def write_events(
     path: Path, profile: str, count: int, seed: int, anomaly_rate: float
 ) -> dict[str, str]:

@@ -102,7 +102,7 @@ def fit_bundle(
         split = _window_split(spec, history, training, source)
         model = build_dense_window_autoencoder(
             len(names), window_length, training.hidden_units, training.bottleneck,
-            training.learning_rate,
+            training.learning_rate, training.forecast,
         )  # fmt: skip
         parity_size = 8
     else:
@@ -134,7 +134,8 @@ def fit_bundle(
         )  # fmt: skip
     # Held-out errors, in event order: what the live stream should look like to the threshold.
     # Scored as the daemon scores (event_scores: the cap and the weights of the bundle).
-    val_errors = feature_errors(reconstruction_errors(x_val, model.predict(x_val, verbose=0)))
+    val_recon = model.predict(x_val, verbose=0)
+    val_errors = feature_errors(reconstruction_errors(x_val, val_recon), training.forecast)
     val_scores = event_scores(val_errors, training.error_cap, score_weights)
     quantiles = {str(q): float(np.quantile(val_scores, q)) for q in WARM_START_QUANTILES}
     # Which features the model rebuilds worst on held-out data (the report's bar chart).
@@ -170,6 +171,7 @@ def fit_bundle(
             window_length=window_length,
             error_cap=training.error_cap,
             score_weights=None if score_weights is None else score_weights.tolist(),
+            forecast=training.forecast,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             feature_names=names,
             data={"source": source, **split.data},

@@ -30,9 +30,12 @@ def build_dense_window_autoencoder(
     hidden_units: list[int],
     bottleneck: int,
     learning_rate: float,
+    forecast: bool = False,
 ) -> Any:
     """The dense autoencoder of `build_dense_autoencoder` over a window flattened to
     window_length * n_features values, its output reshaped back to (window_length, n_features).
+    With `forecast` the window's last row is cropped off the input (`training.forecast`): the
+    model still outputs the whole window, the last row rebuilt from the rows before it.
 
     Input and output are windows, as the LSTM's are, so the per-entity window machinery
     (streamer/windows.py) serves it unchanged. With a bottleneck narrower than the window it
@@ -42,7 +45,10 @@ def build_dense_window_autoencoder(
     import keras
 
     inputs = keras.Input(shape=(window_length, n_features), name="windows")
-    x = keras.layers.Flatten(name="flatten")(inputs)
+    x = inputs
+    if forecast:
+        x = keras.layers.Cropping1D((0, 1), name="past")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
     for i, units in enumerate(hidden_units):
         x = keras.layers.Dense(units, activation="relu", name=f"encode_{i}")(x)
     x = keras.layers.Dense(bottleneck, activation="relu", name="bottleneck")(x)

@@ -25,8 +25,12 @@ from streamer.windows import sliding_windows
 from training.simulate import simulate
 
 RUNTIMES = ["numpy", "tensorflow"]
-MODELS = ["dense", "lstm", "dense_window"]
-WINDOWED = {"lstm": "sensors_lstm_bundle", "dense_window": "sensors_dense_window_bundle"}
+MODELS = ["dense", "lstm", "dense_window", "forecast"]
+WINDOWED = {
+    "lstm": "sensors_lstm_bundle",
+    "dense_window": "sensors_dense_window_bundle",
+    "forecast": "sensors_forecast_bundle",  # dense_window with training.forecast
+}
 
 
 @dataclass(frozen=True)
@@ -241,3 +245,48 @@ def test_dense_window_scorer_refuses_windows_of_another_shape(
     for bad in (np.zeros((2, 10 * d)), np.zeros((2, 9, d)), np.zeros((2, 10, d + 1))):
         with pytest.raises(ValueError, match=rf"are not \(n, 10, {d}\)"):
             scorer.reconstruct(bad)
+
+
+def test_a_forecast_model_never_sees_the_row_it_rebuilds(
+    sensors_forecast_bundle: bundles.Bundle,
+) -> None:
+    """training.forecast: the window's last row is cropped off the input (Keras) or meets zero
+    weights (numpy), so changing it changes no output, and only its own error rises."""
+    b = sensors_forecast_bundle
+    events = clean_events(SENSORS, "sensors", 1000)
+    rows = b.scaler.transform(build_features(SENSORS, events))
+    windows, _ = sliding_windows([e.sensor_id for e in events], rows, b.window_length)
+    moved = windows.copy()
+    moved[:, -1, :] += 5.0
+    for runtime in RUNTIMES:
+        scorer = b.load_scorer(runtime)
+        before, after = scorer.reconstruct(windows), scorer.reconstruct(moved)
+        np.testing.assert_allclose(after, before, rtol=0, atol=1e-6)
+        errors = reconstruction_errors(moved, after) - reconstruction_errors(windows, before)
+        assert errors[:, -1, :].min() > 0 and np.abs(errors[:, :-1, :]).max() < 1e-5
+
+
+def test_a_forecast_bundle_warm_starts_from_its_last_rows_errors(
+    sensors_forecast_bundle: bundles.Bundle,
+) -> None:
+    # The parity sample is the first held-out windows, whose scores open the warm start.
+    b = sensors_forecast_bundle
+    parity = msgspec.json.decode((b.path / bundles.PARITY_FILE).read_bytes(), type=bundles.Parity)
+    x, recon = np.array(parity.inputs), np.array(parity.reconstructed)
+    last = ((x - recon) ** 2)[:, -1, :].mean(axis=1)
+    np.testing.assert_allclose(b.warm_start[: len(last)], last, rtol=1e-5)
+    assert b.manifest.training["settings"]["forecast"] is True
+
+
+def test_the_forecast_setting_is_checked_where_it_is_read(tmp_path: Path) -> None:
+    from streamer.config import TrainingSettings
+
+    with pytest.raises(ValueError, match=r'training\.forecast needs training\.model = "dense_wi'):
+        TrainingSettings(model="lstm", forecast=True)
+    with pytest.raises(ValueError, match="cropping"):
+        import keras
+
+        inputs = keras.Input(shape=(5, 3))
+        x = keras.layers.Flatten()(keras.layers.Cropping1D((1, 0))(inputs))
+        head = keras.Model(inputs, keras.layers.Reshape((5, 3))(keras.layers.Dense(15)(x)))
+        NumpyDenseWindowScorer.save_from_keras(head, tmp_path / "w.npz")

@@ -110,13 +110,24 @@ def test_manifest_leaves_out_unused_fields_and_older_layouts_still_load(
     them load it; manifests that wrote `window_length: null` (before the cap) load too."""
     path = copy_bundle(orders_bundle, tmp_path)
     manifest = msgspec.json.decode((path / bundles.MANIFEST_FILE).read_bytes())
-    assert "window_length" not in manifest and "error_cap" not in manifest
+    assert not {"window_length", "error_cap", "forecast"} & set(manifest)
     b = bundles.load(path)
     assert b.window_length is None and b.error_cap is None
     assert b.load_scorer().window_length is None
     manifest["window_length"] = None
     (path / bundles.MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
     assert bundles.load(path).window_length is None
+
+
+def test_a_forecast_manifest_on_a_model_of_rows_is_refused(
+    orders_bundle: bundles.Bundle, tmp_path: Path
+) -> None:
+    path = copy_bundle(orders_bundle, tmp_path)
+    manifest = msgspec.json.decode((path / bundles.MANIFEST_FILE).read_bytes())
+    manifest["forecast"] = True
+    (path / bundles.MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
+    with pytest.raises(bundles.BundleError, match="forecast needs model_kind 'dense_window'"):
+        bundles.load(path)
 
 
 def test_unknown_model_kind_has_no_numpy_runtime(

@@ -222,3 +222,24 @@ def test_dense_window_model_scores_anomalies_higher_and_explains_per_feature(
     shares = [f.contribution for f in a.top_features]
     assert {f.feature for f in a.top_features} <= names
     assert shares and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+
+
+def test_a_forecast_bundle_scores_each_event_by_its_own_row_alone(
+    sensors_forecast_bundle: bundles.Bundle,
+) -> None:
+    """training.forecast: the score is the error of the window's last row (the event's own),
+    which the model rebuilt without seeing it; not the window's mean error."""
+    from streamer.features import build_features
+    from streamer.windows import sliding_windows
+
+    b = sensors_forecast_bundle
+    assert b.forecast and b.window_length is not None
+    messages = readings(600, seed=9)
+    result = pipeline(b).process(messages)
+    events = [msgspec.json.decode(m.value) for m in messages]
+    decoded = [b.spec.event_type()(**e) for e in events]
+    rows = b.scaler.transform(build_features(b.spec, decoded))
+    windows, _ = sliding_windows([e.sensor_id for e in decoded], rows, b.window_length)
+    squared = (windows - b.load_scorer("numpy").reconstruct(windows)) ** 2
+    np.testing.assert_allclose(result.scores, squared[:, -1, :].mean(axis=1), rtol=1e-5)
+    assert not np.allclose(result.scores, squared.mean(axis=(1, 2)), rtol=1e-2)
