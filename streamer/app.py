@@ -117,8 +117,8 @@ def _range_guard(tolerance: float | None, bundle: bundles.Bundle) -> RangeGuard 
             "the range starts from the first live rows",
             bundle.version,
         )
-        return RangeGuard(None, None, tolerance)
-    return RangeGuard(*bundle.feature_range, tolerance)
+        return RangeGuard(None, None, tolerance, bundle.spec.standardized())
+    return RangeGuard(*bundle.feature_range, tolerance, bundle.spec.standardized())
 
 
 class Backoff:

@@ -93,8 +93,10 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     error_cap: float | None = None
     # training.score_weights resolved: one weight per feature; None: all equal.
     score_weights: list[float] | None = None
-    # training.forecast: the model rebuilds a window's last row from the rows before it,
-    # and an event's score is that row's error alone (not the window's mean).
+    # training.forecast: a dense_window model rebuilds a window's last row from the rows
+    # before it, and an event's score is that row's error alone (not the window's mean); a
+    # dense model predicts its scored features from the context ones (nothing to change
+    # at scoring: the weights already leave the context out of the score).
     forecast: bool = False
 
 
@@ -303,10 +305,15 @@ def load(path: Path, expected_spec: FeatureSpec | None = None) -> Bundle:
             f"{MANIFEST_FILE}: score_weights must be one weight >= 0 per feature "
             f"({len(manifest.feature_names)}), not all 0; got {w}"
         )
-    if manifest.forecast and manifest.model_kind != "dense_window":
+    if manifest.forecast and manifest.model_kind not in ("dense_window", "dense"):
         raise BundleError(
-            f"{MANIFEST_FILE}: forecast needs model_kind 'dense_window', not "
+            f"{MANIFEST_FILE}: forecast needs model_kind 'dense_window' or 'dense', not "
             f"{manifest.model_kind!r}"
+        )
+    if manifest.forecast and manifest.model_kind == "dense" and 0 not in (w or []):
+        raise BundleError(
+            f"{MANIFEST_FILE}: forecast on a dense model needs score_weights with a 0 "
+            "(the context it predicts from)"
         )
     for name in CONTENT_FILES:
         file = root / name

@@ -307,10 +307,12 @@ class TrainingSettings(_Section, frozen=True):
     # and bottleneck (build_dense_window_autoencoder).
     model: Literal["dense", "lstm", "dense_window"] = "dense"
     window_length: int = 30
-    # dense_window only: the model does not see the window's last row (the event's own) and
-    # rebuilds it from the rows before it, and the score is that row's error alone: a
-    # forecast error, like the surprise of a sequence model, where a plain autoencoder's
-    # error mostly says whether a value lies in the range it was trained on.
+    # The model does not see what it scores; it predicts it. dense_window: the window's
+    # last row (the event's own) is predicted from the rows before it, and the score is
+    # that row's error alone. dense: the scored features are predicted from the context
+    # ones (score_weights 0), e.g. a value from its hour of day. A forecast error says
+    # whether a value follows from its context, where a plain autoencoder's error mostly
+    # says whether it lies in the range it was trained on.
     forecast: bool = False
     # LSTM encoder sizes; the decoder mirrors them ([64, 32] -> 64-32-32-64).
     lstm_units: list[int] = msgspec.field(default_factory=lambda: [64, 32])
@@ -354,9 +356,13 @@ class TrainingSettings(_Section, frozen=True):
             )
         if self.window_length < 2:
             raise ValueError("training.window_length must be >= 2")
-        if self.forecast and self.model != "dense_window":
+        if self.forecast and self.model == "lstm":
+            raise ValueError('training.forecast needs training.model = "dense_window" or "dense"')
+        if self.forecast and self.model == "dense" and 0 not in self.score_weights.values():
             raise ValueError(
-                f'training.forecast needs training.model = "dense_window", not {self.model!r}'
+                'training.forecast with training.model = "dense" needs training.score_weights '
+                "that make some features context (weight 0): the model predicts the others "
+                "from them"
             )
         if not self.lstm_units or min(self.lstm_units) < 1:
             raise ValueError("training.lstm_units must be a non-empty list of sizes >= 1")

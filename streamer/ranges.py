@@ -17,7 +17,10 @@ error.
 The state is one range per pipeline (per replica), whatever the entities: "never seen on this
 feed". It is learned from live rows as they come and starts again from the bundle's range at
 a reload. A feature that has held one value only (high == low) is never beyond range, as in
-Numenta's rule.
+Numenta's rule. Only the features in `checked` are judged (the daemon: the spec's
+standardized ones): one-hot and hour-of-day columns are bounded by construction, and an
+hour the history did not cover (a file whose training part spans less than a day) is not
+a value beyond anything.
 
 >>> import numpy as np
 >>> g = RangeGuard(np.array([0.0]), np.array([10.0]), tolerance=0.05)
@@ -33,10 +36,17 @@ import numpy as np
 
 
 class RangeGuard:
-    def __init__(self, low: np.ndarray | None, high: np.ndarray | None, tolerance: float) -> None:
+    def __init__(
+        self,
+        low: np.ndarray | None,
+        high: np.ndarray | None,
+        tolerance: float,
+        checked: np.ndarray | None = None,
+    ) -> None:
         if tolerance < 0.0:
             raise ValueError("threshold.range_tolerance must be >= 0")
         self.tolerance = tolerance
+        self.checked = None if checked is None else np.asarray(checked, dtype=bool)  # None: all
         # No training range (a bundle written before it): the first live rows set it.
         self.low = None if low is None else np.asarray(low, dtype=np.float64).copy()
         self.high = None if high is None else np.asarray(high, dtype=np.float64).copy()
@@ -55,6 +65,8 @@ class RangeGuard:
         low, high = lows[:-1], highs[:-1]
         margin = self.tolerance * (high - low)
         beyond = ((x > high + margin) | (x < low - margin)) & (high > low)
+        if self.checked is not None:
+            beyond &= self.checked
         self.low, self.high = lows[-1], highs[-1]
         return np.asarray(beyond.any(axis=1))
 

@@ -20,14 +20,17 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 
 from streamer import bundle as bundles
 from streamer.config import TrainingSettings
+from streamer.features import FeatureSpec, HourOfDay, Numeric, build_features
 from streamer.profiles import ORDERS, SENSORS
-from training.datasets import read_jsonl
+from training.datasets import History, read_jsonl
 from training.fit import fit_bundle
 from training.simulate import simulate
 
@@ -186,6 +189,49 @@ def sensors_dense_window_registry(tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="session")
 def sensors_dense_window_bundle(sensors_dense_window_registry: Path) -> bundles.Bundle:
     return bundles.load(sensors_dense_window_registry, expected_spec=SENSORS)
+
+
+HOURLY = FeatureSpec(
+    profile="hourly",
+    entity_field="series",
+    time_field="ts",
+    time_format="epoch_s",
+    columns=[Numeric(field="value"), HourOfDay()],
+)
+
+
+def hourly_events(count: int, seed: int) -> list[Any]:
+    """A value that follows the hour of day (10 + 5 sin), every 10 minutes, with noise."""
+    rng = np.random.default_rng(seed)
+    ts = 1_700_000_000 + 600 * np.arange(count)
+    value = 10 + 5 * np.sin(2 * np.pi * (ts % 86_400) / 86_400) + rng.normal(0, 0.3, count)
+    decoder = msgspec.json.Decoder(HOURLY.event_type())
+    return [
+        decoder.decode(msgspec.json.encode({"series": "s", "ts": int(t), "value": float(v)}))
+        for t, v in zip(ts, value, strict=True)
+    ]
+
+
+@pytest.fixture(scope="session")
+def hourly_forecast_bundle(tmp_path_factory: pytest.TempPathFactory) -> bundles.Bundle:
+    """A dense model with training.forecast that predicts a value from its hour of day
+    (the hour's sin and cos are context, score weight 0) (~5 s)."""
+    events = hourly_events(3000, seed=3)
+    history = History(build_features(HOURLY, events), np.array([e.ts for e in events], float), 0)
+    settings = TrainingSettings(
+        forecast=True,
+        score_weights={"hour_*": 0.0},
+        hidden_units=[16],
+        bottleneck=4,
+        epochs=60,
+        patience=5,
+        batch_size=64,
+        learning_rate=5e-3,
+        seed=7,
+    )
+    registry = tmp_path_factory.mktemp("hourly-forecast-model") / "registry"
+    fit_bundle(HOURLY, history, settings, registry, source="hourly")
+    return bundles.load(registry, expected_spec=HOURLY)
 
 
 @pytest.fixture(scope="session")

@@ -107,9 +107,19 @@ def fit_bundle(
         parity_size = 8
     else:
         split = _dense_split(spec, history, training)
+        visible = None
+        if training.forecast:  # the model sees the context features (weight 0) only
+            assert score_weights is not None  # TrainingSettings: forecast needs the weights
+            visible = np.flatnonzero(score_weights == 0).tolist()
+            if not visible:  # a later pattern can outweigh the 0
+                raise ValueError(
+                    "training.forecast: no feature has score weight 0 (context) in "
+                    f"training.score_weights {training.score_weights}"
+                )
         model = build_dense_autoencoder(
-            len(names), training.hidden_units, training.bottleneck, training.learning_rate
-        )
+            len(names), training.hidden_units, training.bottleneck, training.learning_rate,
+            visible,
+        )  # fmt: skip
         parity_size = 16
     x_train, x_val = split.x_train, split.x_val
     stop = keras.callbacks.EarlyStopping(

@@ -4,15 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 
 def build_dense_autoencoder(
-    n_features: int, hidden_units: list[int], bottleneck: int, learning_rate: float
+    n_features: int,
+    hidden_units: list[int],
+    bottleneck: int,
+    learning_rate: float,
+    visible: list[int] | None = None,
 ) -> Any:
-    """Mirror-image dense encoder/decoder; linear output so any scaled value can be rebuilt."""
+    """Mirror-image dense encoder/decoder; linear output so any scaled value can be rebuilt.
+
+    With `visible` (`training.forecast`: the indices of the context features) the encoder
+    sees only those: a fixed, untrained linear layer selects them, so the model predicts
+    the features it does not see. A plain Dense layer, so Keras's safe loading and the
+    numpy runtime take it as they are.
+    """
     import keras
 
     inputs = keras.Input(shape=(n_features,), name="features")
     x = inputs
+    select = None
+    if visible is not None:
+        select = keras.layers.Dense(len(visible), trainable=False, name="context")
+        x = select(x)
     for i, units in enumerate(hidden_units):
         x = keras.layers.Dense(units, activation="relu", name=f"encode_{i}")(x)
     x = keras.layers.Dense(bottleneck, activation="relu", name="bottleneck")(x)
@@ -20,6 +36,10 @@ def build_dense_autoencoder(
         x = keras.layers.Dense(units, activation="relu", name=f"decode_{i}")(x)
     outputs = keras.layers.Dense(n_features, activation="linear", name="reconstruction")(x)
     model = keras.Model(inputs, outputs, name="dense_autoencoder")
+    if select is not None and visible is not None:
+        kernel = np.zeros((n_features, len(visible)), np.float32)
+        kernel[visible, np.arange(len(visible))] = 1.0
+        select.set_weights([kernel, np.zeros(len(visible), np.float32)])
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
     return model
 

@@ -283,6 +283,8 @@ def test_the_forecast_setting_is_checked_where_it_is_read(tmp_path: Path) -> Non
 
     with pytest.raises(ValueError, match=r'training\.forecast needs training\.model = "dense_wi'):
         TrainingSettings(model="lstm", forecast=True)
+    with pytest.raises(ValueError, match=r"needs training\.score_weights that make some feat"):
+        TrainingSettings(forecast=True, score_weights={"x": 2.0})
     with pytest.raises(ValueError, match="cropping"):
         import keras
 
@@ -290,3 +292,29 @@ def test_the_forecast_setting_is_checked_where_it_is_read(tmp_path: Path) -> Non
         x = keras.layers.Flatten()(keras.layers.Cropping1D((1, 0))(inputs))
         head = keras.Model(inputs, keras.layers.Reshape((5, 3))(keras.layers.Dense(15)(x)))
         NumpyDenseWindowScorer.save_from_keras(head, tmp_path / "w.npz")
+
+
+def test_a_dense_forecast_model_predicts_its_scored_features_from_the_context(
+    hourly_forecast_bundle: bundles.Bundle,
+) -> None:
+    """training.forecast on a dense model: it sees the hour (context, weight 0), not the
+    value it scores, so a value scores by how far it is from its hour's usual value."""
+    from tests.conftest import HOURLY, hourly_events
+
+    b = hourly_forecast_bundle
+    assert b.forecast and b.kind == "dense"
+    rows = b.scaler.transform(build_features(HOURLY, hourly_events(1000, seed=4)))
+    moved = rows.copy()
+    moved[:, 0] += 3.0  # the value, in scaled units; the hour's sin and cos untouched
+    for runtime in RUNTIMES:
+        scorer = b.load_scorer(runtime)
+        np.testing.assert_allclose(scorer.reconstruct(moved), scorer.reconstruct(rows), atol=1e-6)
+    # The usual value of 06:00 UTC (sin = 1) at 18:00 (sin = -1): 10 off the hour's profile
+    # (noise sd 0.3), though well inside the range of the values trained on.
+    scorer = b.load_scorer("numpy")
+    swapped = rows.copy()
+    swapped[:, 1] = -swapped[:, 1]  # sin(hour) negated: the value of the other half-day
+    normal = reconstruction_errors(rows, scorer.reconstruct(rows))[:, 0]
+    off = reconstruction_errors(swapped, scorer.reconstruct(swapped))[:, 0]
+    peaks = np.abs(rows[:, 1]) > 0.9  # near 06:00 and 18:00, where the swap moves most
+    assert np.median(off[peaks]) > 20 * np.median(normal[peaks])

@@ -119,14 +119,18 @@ def test_manifest_leaves_out_unused_fields_and_older_layouts_still_load(
     assert bundles.load(path).window_length is None
 
 
-def test_a_forecast_manifest_on_a_model_of_rows_is_refused(
+def test_a_forecast_manifest_the_model_cannot_be_is_refused(
     orders_bundle: bundles.Bundle, tmp_path: Path
 ) -> None:
     path = copy_bundle(orders_bundle, tmp_path)
     manifest = msgspec.json.decode((path / bundles.MANIFEST_FILE).read_bytes())
-    manifest["forecast"] = True
+    manifest["forecast"] = True  # a dense model with every feature scored: nothing to see
     (path / bundles.MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
-    with pytest.raises(bundles.BundleError, match="forecast needs model_kind 'dense_window'"):
+    with pytest.raises(bundles.BundleError, match="needs score_weights with a 0"):
+        bundles.load(path)
+    manifest["model_kind"] = "lstm"
+    (path / bundles.MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
+    with pytest.raises(bundles.BundleError, match="forecast needs model_kind 'dense_window' or"):
         bundles.load(path)
 
 

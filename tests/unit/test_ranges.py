@@ -1,9 +1,12 @@
 """threshold.range_tolerance: Numenta's "spatial anomaly" rule over each scaled feature."""
 
+import msgspec
 import numpy as np
 import pytest
 
-from streamer.config import ThresholdSettings
+from streamer import bundle as bundles
+from streamer.app import build_pipeline
+from streamer.config import ThresholdSettings, from_mapping
 from streamer.ranges import RangeGuard, training_range
 
 
@@ -51,6 +54,25 @@ def test_a_constant_feature_never_breaks_out_and_the_first_row_only_starts_the_r
     assert guard.check(np.array([[1.0, 5.0], [1.0, 5.0], [1.0, 6.0], [1.0, 7.0]])).tolist() == [
         False, False, False, True,
     ]  # fmt: skip
+
+
+def test_only_the_checked_features_are_judged(hourly_forecast_bundle: bundles.Bundle) -> None:
+    # An hour's sin and cos are bounded by construction: an hour a short history did not
+    # cover is not beyond range; the value is judged as before.
+    guard = RangeGuard(np.array([0.0, 0.0]), np.array([1.0, 1.0]), 0.05, np.array([True, False]))
+    assert guard.check(np.array([[0.5, -1.0], [2.0, 0.5]])).tolist() == [False, True]
+    s = from_mapping(
+        {
+            "features": msgspec.to_builtins(hourly_forecast_bundle.spec),
+            "kafka": {"input_topic": "in", "alert_topic": "a", "dead_letter_topic": "d"},
+            "model": {"bundle": "unused"},
+            "threshold": {"range_tolerance": 0.05},
+        }
+    )
+    b = hourly_forecast_bundle
+    p = build_pipeline(s, b, b.load_scorer("numpy"))
+    assert p.ranges is not None and p.ranges.checked is not None
+    assert p.ranges.checked.tolist() == [True, False, False]  # value, hour_sin, hour_cos
 
 
 def test_training_range_and_validation() -> None:
