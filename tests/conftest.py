@@ -169,21 +169,23 @@ def sensors_lstm_bundle(sensors_lstm_registry: Path) -> bundles.Bundle:
     return bundles.load(sensors_lstm_registry, expected_spec=SENSORS)
 
 
+DENSE_WINDOW = TrainingSettings(
+    model="dense_window",
+    window_length=10,
+    hidden_units=[32],
+    bottleneck=8,
+    epochs=20,
+    patience=3,
+    batch_size=64,
+    learning_rate=5e-3,
+    seed=7,
+)
+
+
 @pytest.fixture(scope="session")
 def sensors_dense_window_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small dense autoencoder over flattened windows of the LSTM's readings (~5 s)."""
-    settings = TrainingSettings(
-        model="dense_window",
-        window_length=10,
-        hidden_units=[32],
-        bottleneck=8,
-        epochs=20,
-        patience=3,
-        batch_size=64,
-        learning_rate=5e-3,
-        seed=7,
-    )
-    return _sensor_registry(tmp_path_factory, "sensors-dense-window-model", settings)
+    return _sensor_registry(tmp_path_factory, "sensors-dense-window-model", DENSE_WINDOW)
 
 
 @pytest.fixture(scope="session")
@@ -238,18 +240,7 @@ def hourly_forecast_bundle(tmp_path_factory: pytest.TempPathFactory) -> bundles.
 def sensors_forecast_bundle(tmp_path_factory: pytest.TempPathFactory) -> bundles.Bundle:
     """The dense window model with training.forecast: it rebuilds each window's last row
     from the rows before it (~5 s)."""
-    settings = TrainingSettings(
-        model="dense_window",
-        forecast=True,
-        window_length=10,
-        hidden_units=[32],
-        bottleneck=8,
-        epochs=20,
-        patience=3,
-        batch_size=64,
-        learning_rate=5e-3,
-        seed=7,
-    )
+    settings = msgspec.structs.replace(DENSE_WINDOW, forecast=True)
     registry = _sensor_registry(tmp_path_factory, "sensors-forecast-model", settings)
     return bundles.load(registry, expected_spec=SENSORS)
 
