@@ -93,7 +93,9 @@ class Pipeline:
         # The bundle's: its warm start was scored the same way.
         self.error_cap = error_cap
         self.score_weights = score_weights
-        self.forecast = forecast  # score a window's last row only
+        # A forecast bundle: a window scores by its last row only (a dense forecast model
+        # needs nothing here: its score weights already leave the context out).
+        self.forecast = forecast
         self._decoder = msgspec.json.Decoder(spec.event_type())
         self._names = spec.feature_names()
         self._unit_names = spec.unit_names()

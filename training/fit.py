@@ -144,8 +144,9 @@ def fit_bundle(
         )  # fmt: skip
     # Held-out errors, in event order: what the live stream should look like to the threshold.
     # Scored as the daemon scores (event_scores: the cap and the weights of the bundle).
-    val_recon = model.predict(x_val, verbose=0)
-    val_errors = feature_errors(reconstruction_errors(x_val, val_recon), training.forecast)
+    val_errors = feature_errors(
+        reconstruction_errors(x_val, model.predict(x_val, verbose=0)), training.forecast
+    )
     val_scores = event_scores(val_errors, training.error_cap, score_weights)
     quantiles = {str(q): float(np.quantile(val_scores, q)) for q in WARM_START_QUANTILES}
     # Which features the model rebuilds worst on held-out data (the report's bar chart).
