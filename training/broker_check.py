@@ -56,7 +56,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,7 +240,7 @@ def feedback_plan(
     without changing a feature (`training.evaluate.early_label_seconds`)."""
     from streamer.features import LabelRate
     from streamer.labels import deliveries
-    from training.evaluate import _spans, batch_span, early_label_seconds, label_spans
+    from training.evaluate import _spans, batch_span, due_events, early_label_seconds, label_spans
 
     n0, n, seconds = series.n_train, series.n, series.seconds
     due = dict(deliveries(seconds, series.labels, delay))
@@ -259,17 +258,13 @@ def feedback_plan(
     encode = msgspec.json.Encoder().encode
 
     def labels(lo: int, hi: int) -> list[bytes]:
-        out = []
-        for i in points[bisect_left(points, lo) : bisect_left(points, hi)]:
-            for j in due[i]:
-                row = next(series.event_rows(fields, int(j), int(j) + 1))
-                out += [
-                    encode({"type": "label", "key_field": k, "key": row[k],
-                            "event_id": row[spec.id_field], "event_time": row[spec.time_field],
-                            "anomaly": True})
-                    for k in keys
-                ]  # fmt: skip
-        return out
+        return [
+            encode({"type": "label", "key_field": k, "key": row[k],
+                    "event_id": row[spec.id_field], "event_time": row[spec.time_field],
+                    "anomaly": True})
+            for row in due_events(series, fields, due, points, lo, hi)
+            for k in keys
+        ]  # fmt: skip
 
     chunks, a = [], n0
     while a < n:

@@ -23,6 +23,7 @@ import re
 import sys
 import time
 from bisect import bisect_left
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from itertools import pairwise
@@ -295,6 +296,22 @@ def label_spans(
     return out
 
 
+def due_events(
+    series: Series,
+    fields: list[str],
+    due: dict[int, np.ndarray],
+    points: list[int],
+    a: int,
+    b: int,
+) -> Iterator[dict[str, Any]]:
+    """The events whose labels fall due in rows [a, b) (`due`: `streamer.labels.deliveries`
+    by row; `points`: its rows sorted, once per series), in delivery order: what the replay
+    confirms, and what the broker check sends."""
+    for i in points[bisect_left(points, a) : bisect_left(points, b)]:
+        for j in due[i]:
+            yield next(series.event_rows(fields, int(j), int(j) + 1))
+
+
 def row_messages(
     series: Series, fields: list[str], start: int, stop: int
 ) -> list[tuple[bytes, int]]:
@@ -364,10 +381,8 @@ def replay(
 
     def deliver(a: int, b: int) -> None:
         """The labels that fall due in rows [a, b): at a, before the batch."""
-        for i in points[bisect_left(points, a) : bisect_left(points, b)]:
-            for j in due[i]:
-                row = next(series.event_rows(fields, int(j), int(j) + 1))
-                aggregates.confirm(decode(encode(row)))
+        for row in due_events(series, fields, due, points, a, b):
+            aggregates.confirm(decode(encode(row)))
 
     def spans(lo: int, hi: int) -> list[tuple[int, int]]:
         return label_spans(lo, hi, batch_size, due, series.seconds, early)
