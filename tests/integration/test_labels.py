@@ -154,8 +154,12 @@ def test_the_feedback_topic_keeps_labels_as_long_as_they_matter(
     sized, compacted = unique("fb-sized"), unique("fb-compacted")
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
 
-    def warnings() -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    def warnings() -> list[str]:  # the daemon's own; kafka-python warns of slow polls under load
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelname == "WARNING" and r.name == "streamer.kafka_io"
+        ]
 
     try:
         admin.create_topics(
