@@ -109,8 +109,9 @@ class EntitySmoothedThresholds:
     @property
     def bytes_per_entity(self) -> int:
         """About what one entity holds: its window plus the SmoothedThreshold around it."""
-        window = self.window_size * 8 * (2 if self.settings.rank else 1)  # rank: raw scores too
-        return window + ENTITY_OVERHEAD_BYTES + 8 * max(0, self.settings.mean_rows - 1)
+        return (
+            self.window_size * 8 + ENTITY_OVERHEAD_BYTES + 8 * max(0, self.settings.mean_rows - 1)
+        )
 
     def clear(self) -> None:
         self._entities.clear()

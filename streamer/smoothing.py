@@ -39,17 +39,6 @@
   window as it is, although the rule judges smoothed scores with a smaller spread: it keeps
   the threshold high while few live scores are in. Shrinking it to the spread of smoothed
   independent rows was tried on NAB and raised false positives (docs/QUALITY.md);
-- `rank`: each score is first replaced by its rank among the last `window_size` raw scores
-  (0 to 1, the warm start's included; every raw score is learned, alerted or not), then
-  smoothed and judged as above. Numenta's detector feeds its likelihood a raw score bounded
-  the same way (the share of unpredicted columns): a row counts at most "higher than
-  everything recent" however far off it is, so one spike of a spiky feed barely moves the
-  smoothed score and only a lasting run of unusually high errors alerts, while the window
-  follows the feed's own error level (a model that fits the live feed worse than its
-  training part is not above the threshold for ever). The spike's size is left to
-  `threshold.range_tolerance` (streamer/ranges.py). The warm start enters the threshold's
-  window as its own ranks, smoothed as live scores are (`smoothed_ranks`); a batch's rows
-  are ranked against the raw scores before it;
 - `learn_in_cooldown`: the cooldown rows enter the (learning) threshold's window as they
   are, not clipped. The incident has been reported; if what follows it lasts a whole
   cooldown it is taken as the new normal, so the threshold can rise to a new level of the
@@ -95,7 +84,6 @@ class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     mean_rows: int = 1  # moving average over this many scores; 1 = none
     likelihood: float = 0.0  # > 0: Gaussian tail rule, alert when Phi(z) >= this
     two_sided: bool = False  # likelihood: also alert on scores far below the mean
-    rank: bool = False  # each raw score replaced by its rank among the window's raw scores
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ewma_alpha <= 1.0:
@@ -116,10 +104,6 @@ class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             raise ValueError("smoothing.likelihood must be 0 (off) or in (0.5, 1)")
         if self.two_sided and (not self.likelihood or self.margin):
             raise ValueError("smoothing.two_sided needs smoothing.likelihood, and no margin")
-        if self.rank and self.margin:
-            raise ValueError(
-                "smoothing.rank: smoothing.margin is a multiple of a raw score; choose one"
-            )
         if self.likelihood and self.learn_in_cooldown:
             raise ValueError(
                 "smoothing.learn_in_cooldown: with smoothing.likelihood every score is learned"
@@ -213,34 +197,6 @@ def _decay_loop(values: np.ndarray, decay: float, start: float) -> np.ndarray:
     return out
 
 
-def ranks(scores: np.ndarray, held: np.ndarray) -> np.ndarray:
-    """Each score's mid-rank among the sorted scores `held`, in (0, 1): the share below it
-    plus half the share equal to it (0.5 for every score while `held` is empty).
-
-    >>> ranks(np.array([0.0, 2.0, 9.0, 100.0]), np.array([1.0, 2.0, 3.0, 4.0])).tolist()
-    [0.0, 0.375, 1.0, 1.0]
-    """
-    if not held.size:
-        return np.full(scores.size, 0.5)
-    below = np.searchsorted(held, scores, side="left")
-    upto = np.searchsorted(held, scores, side="right")
-    return (below + upto) / (2.0 * held.size)
-
-
-def smoothed_ranks(held: np.ndarray, settings: SmoothingSettings) -> np.ndarray:
-    """The rank rule's warm start: held-out errors as their own ranks, smoothed as live
-    scores are. Ranks are bounded, and unsmoothed ones (std 0.29) would put the likelihood's
-    mean + 4.26 std above 1, out of any score's reach, until live scores outnumbered them.
-
-    >>> smoothed_ranks(np.array([3.0, 1.0, 2.0, 4.0]), SmoothingSettings(mean_rows=2)).tolist()
-    [0.375, 0.25, 0.625]
-    """
-    own = ranks(held, np.sort(held))
-    if settings.mean_rows > 1:
-        return moving_mean(own, settings.mean_rows, np.empty(0))[settings.mean_rows - 1 :]
-    return ewma(own, settings.ewma_alpha, 0.5)  # from the ranks' own mean
-
-
 def moving_mean(scores: np.ndarray, rows: int, previous: np.ndarray) -> np.ndarray:
     """Mean of each score and the `rows - 1` before it (`previous`: the scores before these).
 
@@ -264,13 +220,6 @@ class SmoothedThreshold(RollingQuantileThreshold):
         settings: SmoothingSettings,
     ) -> None:
         self.settings = settings
-        # rank: the last window_size raw scores, a ring as the threshold's own window.
-        self._raw = np.empty(window_size if settings.rank else 0)
-        self._raw_count = self._raw_next = 0
-        if settings.rank and warm_start is not None and warm_start.size:
-            held = np.asarray(warm_start, dtype=np.float64)[-window_size:]
-            self._learn_raw(held)
-            warm_start = smoothed_ranks(held, settings)
         self._z = NormalDist().inv_cdf(settings.likelihood) if settings.likelihood else 0.0
         self._recent = np.empty(0)  # the last mean_rows - 1 raw scores
         self._mean, self._std = 0.0, 1.0  # the likelihood's normal fit (set by _refresh)
@@ -300,13 +249,6 @@ class SmoothedThreshold(RollingQuantileThreshold):
         """Smooth, compare with the threshold (learning unless frozen), then shape alerts."""
         s = self.settings
         scores = np.asarray(scores, dtype=np.float64)
-        # Frozen: compare only, so nothing live moves the threshold once it has min_samples.
-        learning = self.learn and (not s.frozen or self.count < self.min_samples)
-        if s.rank:
-            raw = scores
-            scores = ranks(raw, np.sort(self._raw[: self._raw_count]))
-            if learning:
-                self._learn_raw(raw[np.isfinite(raw)])
         if s.mean_rows > 1:
             smoothed = moving_mean(scores, s.mean_rows, self._recent)
             self._recent = np.concatenate([self._recent, scores])[-(s.mean_rows - 1) :]
@@ -315,6 +257,8 @@ class SmoothedThreshold(RollingQuantileThreshold):
         if smoothed.size:
             self._level = float(smoothed[-1])
         self.last_smoothed = smoothed
+        # Frozen: compare only, so nothing live moves the threshold once it has min_samples.
+        learning = self.learn and (not s.frozen or self.count < self.min_samples)
         value = self.value
         above = smoothed > value
         if s.likelihood and np.isfinite(value):
@@ -333,14 +277,6 @@ class SmoothedThreshold(RollingQuantileThreshold):
             clip = above & ~cooling if s.learn_in_cooldown else above
             self.observe(np.where(clip, value, smoothed))
         return flags
-
-    def _learn_raw(self, raw: np.ndarray) -> None:
-        """Push raw scores into the rank window, a ring of window_size (oldest overwritten)."""
-        size = self._raw.size
-        chunk = raw[-size:]
-        self._raw[(self._raw_next + np.arange(chunk.size)) % size] = chunk
-        self._raw_next = (self._raw_next + chunk.size) % size
-        self._raw_count = min(size, self._raw_count + chunk.size)
 
     def _refresh(self) -> None:
         if not self.settings.likelihood:

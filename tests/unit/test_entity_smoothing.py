@@ -32,7 +32,6 @@ OPTIONS = {
     "frozen + margin": SmoothingSettings(frozen=True, margin=1.2, ewma_alpha=0.5),
     "min_consecutive": SmoothingSettings(min_consecutive=3),
     "learn_in_cooldown": SmoothingSettings(cooldown_rows=10, learn_in_cooldown=True),
-    "rank + likelihood": SmoothingSettings(rank=True, likelihood=0.999, ewma_alpha=0.3),
 }
 
 

@@ -366,42 +366,6 @@ def test_likelihood_on_a_flat_warm_start_still_has_a_finite_threshold() -> None:
     assert t.judge(np.array([2.0, 2.1])).tolist() == [False, True]
 
 
-RANKED = SmoothingSettings(rank=True, likelihood=0.99999, ewma_alpha=0.1, once_per_run=True)
-
-
-def test_rank_one_spike_does_not_alert_however_large_but_a_lasting_rise_does() -> None:
-    rng = np.random.default_rng(7)
-    warm = rng.gamma(2.0, 0.5, 2000)
-    spike = np.concatenate([rng.gamma(2.0, 0.5, 500), [1e6], rng.gamma(2.0, 0.5, 500)])
-    rise = np.concatenate([rng.gamma(2.0, 0.5, 500), rng.gamma(2.0, 0.5, 60) * 4.0])
-    plain = SmoothingSettings(likelihood=0.99999, ewma_alpha=0.1, once_per_run=True)
-    assert SmoothedThreshold(8640, 0.99, 50, warm, plain).judge(spike).any()  # by its size
-    assert not SmoothedThreshold(8640, 0.99, 50, warm, RANKED).judge(spike).any()
-    flags = SmoothedThreshold(8640, 0.99, 50, warm, RANKED).judge(rise)
-    assert flags[500:].any() and not flags[:500].any()  # within the run of high errors
-
-
-def test_rank_judges_each_batch_against_the_raw_scores_before_it() -> None:
-    t = SmoothedThreshold(4, 0.9, 1, np.array([1.0, 2.0, 3.0, 4.0]), SmoothingSettings(rank=True))
-    assert t.value == pytest.approx(np.quantile([0.125, 0.375, 0.625, 0.875], 0.9))
-    t.judge(np.array([0.0, 2.5, 10.0]))
-    assert t.last_smoothed.tolist() == [0.0, 0.5, 1.0]
-    # The ring now holds 4, 0, 2.5, 10 (1, 2 and 3 overwritten, oldest first).
-    t.judge(np.array([3.0]))
-    assert t.last_smoothed.tolist() == [0.5]
-
-
-def test_rank_follows_a_feed_whose_errors_are_all_higher_than_in_training() -> None:
-    rng = np.random.default_rng(3)
-    warm = rng.gamma(2.0, 0.5, 500)
-    live = rng.gamma(2.0, 0.5, 5000) * 20.0  # every live row far above the warm start
-    t = SmoothedThreshold(1000, 0.99, 50, warm, RANKED)
-    flags = np.concatenate([t.judge(live[k : k + 10]) for k in range(0, live.size, 10)])
-    assert flags[:100].any()  # the shift alerts ...
-    assert not flags[2000:].any()  # ... and once the window holds live rows only, nothing
-    assert 0.4 < float(np.median(t.last_smoothed)) < 0.6
-
-
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -410,7 +374,6 @@ def test_rank_follows_a_feed_whose_errors_are_all_higher_than_in_training() -> N
         ({"likelihood": 0.3}, "likelihood"),
         ({"likelihood": 1.0}, "likelihood"),
         ({"likelihood": 0.999, "cooldown_rows": 5, "learn_in_cooldown": True}, "learn_in_cooldown"),
-        ({"rank": True, "margin": 2.0}, "rank"),
     ],
 )
 def test_smoothing_settings_name_the_bad_field(kwargs: dict[str, Any], field: str) -> None:
