@@ -20,6 +20,11 @@
 - `once_per_run`: a run of rows above threshold alerts once, on its `min_consecutive`-th row,
   however long it lasts (NuPIC reports only the first of consecutive red rows). Without it
   every row of a run alerts, unless in a cooldown;
+- `rearm_z` (with `likelihood` and `once_per_run`): a run ends only when a row's z falls to
+  `rearm_z` or below, not as soon as it dips under the threshold's z. A smoothed score
+  that hovers about the threshold after an incident would otherwise start a new run, and an
+  alert, at every crossing (flapping); 0 asks for the score to be back at the window's mean
+  before the next incident can alert. None (the default): the threshold's z itself;
 - `cooldown_rows`: after an alert, the next `cooldown_rows` rows do not alert (one alert per
   incident where a consumer pays per alert, as NAB's scoring does);
 - `mean_rows`: each score is replaced by the mean of the last `mean_rows` scores (a moving
@@ -84,6 +89,7 @@ class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     mean_rows: int = 1  # moving average over this many scores; 1 = none
     likelihood: float = 0.0  # > 0: Gaussian tail rule, alert when Phi(z) >= this
     two_sided: bool = False  # likelihood: also alert on scores far below the mean
+    rearm_z: float | None = None  # likelihood + once_per_run: a run ends at z <= this
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ewma_alpha <= 1.0:
@@ -104,6 +110,8 @@ class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             raise ValueError("smoothing.likelihood must be 0 (off) or in (0.5, 1)")
         if self.two_sided and (not self.likelihood or self.margin):
             raise ValueError("smoothing.two_sided needs smoothing.likelihood, and no margin")
+        if self.rearm_z is not None and not (self.likelihood and self.once_per_run):
+            raise ValueError("smoothing.rearm_z needs smoothing.likelihood and once_per_run")
         if self.likelihood and self.learn_in_cooldown:
             raise ValueError(
                 "smoothing.learn_in_cooldown: with smoothing.likelihood every score is learned"
@@ -268,6 +276,8 @@ class SmoothedThreshold(RollingQuantileThreshold):
                 above = self.last_z > self._z
         elif s.likelihood:  # fewer than min_samples scores: nothing alerts at any level
             self.last_z = np.full(smoothed.size, -np.inf)
+        if s.rearm_z is not None:  # a run goes on until z is back to rearm_z
+            above = latch(above, self.last_z <= s.rearm_z, self._run > 0)
         flags, cooling = self._shape(above & (smoothed > self.floor) if s.margin else above)
         if learning and s.likelihood:
             self.observe(smoothed)
@@ -294,6 +304,25 @@ class SmoothedThreshold(RollingQuantileThreshold):
         """Alerts after min_consecutive and cooldown; also which rows were in a cooldown."""
         flags, cooling, self._run, self._quiet = shape(above, self.settings, self._run, self._quiet)
         return flags, cooling
+
+
+def latch(up: np.ndarray, down: np.ndarray, on: bool = False) -> np.ndarray:
+    """A latch per row: on where `up`, off where `down` (and not `up`), else as the row before
+    (`on`: the state before the first row). `rearm_z`'s runs: up = above the threshold, down =
+    z back to rearm_z.
+
+    >>> latch(np.array([0, 1, 0, 0, 0, 1], bool), np.array([0, 0, 0, 1, 0, 0], bool)).tolist()
+    [False, True, True, False, False, True]
+    >>> latch(np.zeros(2, bool), np.array([0, 1], bool), on=True).tolist()
+    [True, False]
+    """
+    rows = np.arange(up.size)
+    last_up = np.maximum.accumulate(np.where(up, rows, -1))
+    last_down = np.maximum.accumulate(np.where(down & ~up, rows, -1))
+    out = last_up > last_down
+    if on:  # rows before any up or down keep the carried state
+        out |= (last_up < 0) & (last_down < 0)
+    return out
 
 
 def shape(

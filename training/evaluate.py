@@ -48,7 +48,7 @@ from streamer.config import (
 from streamer.features import FeatureSpec
 from streamer.labels import deliveries
 from streamer.records import Alert, RawMessage
-from streamer.smoothing import SmoothedThreshold, SmoothingSettings, shape
+from streamer.smoothing import SmoothedThreshold, SmoothingSettings, latch, shape
 from training import nab
 from training.adapters import DataSettings, Series, load
 from training.baselines import BaselineSettings, b1, b2
@@ -884,7 +884,10 @@ def nab_level_raw(
         file_windows = nab_file_windows(s)
         for k, zl in enumerate(z_levels):
             flags = np.zeros(s.n, dtype=bool)
-            flags[s.n_train :] = shape(r.z > zl, smoothing)[0]
+            above = r.z > zl
+            if smoothing.rearm_z is not None:
+                above = latch(above, r.z <= smoothing.rearm_z)
+            flags[s.n_train :] = shape(above, smoothing)[0]
             if r.beyond is not None:
                 flags[s.n_train :] |= r.beyond
             for p in nab.PROFILES:

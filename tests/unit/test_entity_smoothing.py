@@ -32,6 +32,9 @@ OPTIONS = {
     "frozen + margin": SmoothingSettings(frozen=True, margin=1.2, ewma_alpha=0.5),
     "min_consecutive": SmoothingSettings(min_consecutive=3),
     "learn_in_cooldown": SmoothingSettings(cooldown_rows=10, learn_in_cooldown=True),
+    "likelihood + once_per_run + rearm_z": SmoothingSettings(
+        likelihood=0.99, ewma_alpha=0.3, once_per_run=True, rearm_z=0.0
+    ),
 }
 
 

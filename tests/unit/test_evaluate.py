@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import msgspec
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from streamer.config import ThresholdSettings
-from streamer.smoothing import SmoothedThreshold, SmoothingSettings, ewma
+from streamer.smoothing import SmoothedThreshold, SmoothingSettings, ewma, latch, shape
 from training.adapters import DataSettings, SplitSettings, load, snake
 from training.baselines import BaselineSettings, rolling_z
 from training.evaluate import (
@@ -366,6 +367,46 @@ def test_likelihood_on_a_flat_warm_start_still_has_a_finite_threshold() -> None:
     assert t.judge(np.array([2.0, 2.1])).tolist() == [False, True]
 
 
+def hovering(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A warm start and a feed with incidents whose smoothed score hovers about the
+    threshold as it decays (a spike, then rows at the level of the threshold)."""
+    rng = np.random.default_rng(seed)
+    warm, live = rng.gamma(2.0, 0.5, 2000), rng.gamma(2.0, 0.5, 20_000)
+    for start in rng.choice(19_000, 12, replace=False):
+        live[start] += 200.0
+        live[start + 1 : start + 80] *= rng.uniform(2.0, 4.0)
+    return warm, live
+
+
+def test_rearm_z_makes_one_alert_of_a_score_hovering_about_the_threshold() -> None:
+    warm, live = hovering(11)
+    base = SmoothingSettings(likelihood=0.99999, ewma_alpha=0.1, once_per_run=True)
+    rearmed = SmoothingSettings(likelihood=0.99999, ewma_alpha=0.1, once_per_run=True, rearm_z=0.0)
+    flags = {}
+    for name, settings in (("base", base), ("rearmed", rearmed)):
+        t = SmoothedThreshold(8640, 0.99, 50, warm, settings)
+        flags[name] = np.concatenate([t.judge(live[k : k + 7]) for k in range(0, live.size, 7)])
+    assert flags["rearmed"].sum() < flags["base"].sum()  # the crossings while hovering
+    starts = np.flatnonzero(flags["base"])
+    assert set(np.flatnonzero(flags["rearmed"])) <= set(starts)  # no new alert, only fewer
+
+
+def test_rearm_z_alerts_of_the_evaluators_level_grid_are_the_pipelines() -> None:
+    """nab_level_raw recomputes alerts from the rows' z with one latch over the whole file;
+    the pipeline latches batch by batch, carrying the run: the same alerts."""
+    warm, live = hovering(12)
+    settings = SmoothingSettings(likelihood=0.9999, ewma_alpha=0.1, once_per_run=True, rearm_z=0.5)
+    t = SmoothedThreshold(8640, 0.99, 50, warm, settings)
+    flags, z = [], []
+    for k in range(0, live.size, 13):
+        flags.append(t.judge(live[k : k + 13]))
+        z.append(t.last_z)
+    zs = np.concatenate(z)
+    above = latch(zs > NormalDist().inv_cdf(0.9999), zs <= 0.5)
+    assert np.concatenate(flags).sum() > 3
+    np.testing.assert_array_equal(np.concatenate(flags), shape(above, settings)[0])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -374,6 +415,8 @@ def test_likelihood_on_a_flat_warm_start_still_has_a_finite_threshold() -> None:
         ({"likelihood": 0.3}, "likelihood"),
         ({"likelihood": 1.0}, "likelihood"),
         ({"likelihood": 0.999, "cooldown_rows": 5, "learn_in_cooldown": True}, "learn_in_cooldown"),
+        ({"likelihood": 0.999, "rearm_z": 0.0}, "rearm_z"),
+        ({"once_per_run": True, "rearm_z": 0.0}, "rearm_z"),
     ],
 )
 def test_smoothing_settings_name_the_bad_field(kwargs: dict[str, Any], field: str) -> None:
@@ -481,9 +524,16 @@ def test_evaluate_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert html.count("<img") >= 3 and "synthetic" in html
 
 
-@pytest.mark.parametrize("range_tolerance", [None, 0.05])
+@pytest.mark.parametrize(
+    ("range_tolerance", "shaping"),
+    [
+        (None, {"cooldown_rows": 5}),
+        (0.05, {"cooldown_rows": 5}),
+        (None, {"once_per_run": True, "rearm_z": 0.0}),
+    ],
+)
 def test_nab_levels_recomputed_from_z_match_replays_at_those_levels(
-    tmp_path: Path, range_tolerance: float | None
+    tmp_path: Path, range_tolerance: float | None, shaping: dict[str, Any]
 ) -> None:
     config = load_config(synthetic(tmp_path))
     levels = [0.6, 0.99, 0.9999995]  # the last one would print as "1" with :g
@@ -493,7 +543,7 @@ def test_nab_levels_recomputed_from_z_match_replays_at_those_levels(
             threshold=ThresholdSettings(
                 window_size=500, min_samples=20, range_tolerance=range_tolerance
             ),
-            smoothing=SmoothingSettings(likelihood=q, mean_rows=3, cooldown_rows=5),
+            smoothing=SmoothingSettings(likelihood=q, mean_rows=3, **shaping),
         )
         for q in levels
     ]
