@@ -109,9 +109,9 @@ class EntitySmoothedThresholds:
     @property
     def bytes_per_entity(self) -> int:
         """About what one entity holds: its window plus the SmoothedThreshold around it."""
-        return (
-            self.window_size * 8 + ENTITY_OVERHEAD_BYTES + 8 * max(0, self.settings.mean_rows - 1)
-        )
+        rings = 2 if self.settings.median_cap else 1  # median_cap keeps the raw scores too
+        window = self.window_size * 8 * rings
+        return window + ENTITY_OVERHEAD_BYTES + 8 * max(0, self.settings.mean_rows - 1)
 
     def clear(self) -> None:
         self._entities.clear()

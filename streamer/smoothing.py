@@ -44,6 +44,14 @@
   window as it is, although the rule judges smoothed scores with a smaller spread: it keeps
   the threshold high while few live scores are in. Shrinking it to the spread of smoothed
   independent rows was tried on NAB and raised false positives (docs/QUALITY.md);
+- `median_cap`: each raw score counts at most `median_cap` times the median of the last
+  `window_size` raw scores (the warm start's included; every raw score is learned as it is)
+  before it is smoothed. One spike of a spiky feed, hundreds of times the usual error, then
+  moves the smoothed score no more than a few clearly bad rows, while a lasting rise still
+  alerts, and its size is left to `threshold.range_tolerance`. Unlike a fixed cap
+  (`training.error_cap`), it follows the feed's own error level: a model that fits the live
+  feed worse than its training part does not sit at the cap. The warm start is capped by
+  its own median; a batch is capped by the median before it;
 - `learn_in_cooldown`: the cooldown rows enter the (learning) threshold's window as they
   are, not clipped. The incident has been reported; if what follows it lasts a whole
   cooldown it is taken as the new normal, so the threshold can rise to a new level of the
@@ -90,6 +98,7 @@ class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     likelihood: float = 0.0  # > 0: Gaussian tail rule, alert when Phi(z) >= this
     two_sided: bool = False  # likelihood: also alert on scores far below the mean
     rearm_z: float | None = None  # likelihood + once_per_run: a run ends at z <= this
+    median_cap: float | None = None  # a raw score counts at most this x the window's median
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ewma_alpha <= 1.0:
@@ -110,6 +119,8 @@ class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             raise ValueError("smoothing.likelihood must be 0 (off) or in (0.5, 1)")
         if self.two_sided and (not self.likelihood or self.margin):
             raise ValueError("smoothing.two_sided needs smoothing.likelihood, and no margin")
+        if self.median_cap is not None and not self.median_cap >= 1.0:
+            raise ValueError("smoothing.median_cap must be >= 1")
         if self.rearm_z is not None and not (self.likelihood and self.once_per_run):
             raise ValueError("smoothing.rearm_z needs smoothing.likelihood and once_per_run")
         if self.likelihood and self.learn_in_cooldown:
@@ -228,6 +239,13 @@ class SmoothedThreshold(RollingQuantileThreshold):
         settings: SmoothingSettings,
     ) -> None:
         self.settings = settings
+        # median_cap: the last window_size raw scores, a ring as the threshold's own window.
+        self._raw = np.empty(window_size if settings.median_cap else 0)
+        self._raw_count = self._raw_next = 0
+        if settings.median_cap and warm_start is not None and warm_start.size:
+            held = np.asarray(warm_start, dtype=np.float64)[-window_size:]
+            self._learn_raw(held)
+            warm_start = np.minimum(held, settings.median_cap * float(np.median(held)))
         self._z = NormalDist().inv_cdf(settings.likelihood) if settings.likelihood else 0.0
         self._recent = np.empty(0)  # the last mean_rows - 1 raw scores
         self._mean, self._std = 0.0, 1.0  # the likelihood's normal fit (set by _refresh)
@@ -257,6 +275,15 @@ class SmoothedThreshold(RollingQuantileThreshold):
         """Smooth, compare with the threshold (learning unless frozen), then shape alerts."""
         s = self.settings
         scores = np.asarray(scores, dtype=np.float64)
+        # Frozen: compare only, so nothing live moves the threshold once it has min_samples.
+        learning = self.learn and (not s.frozen or self.count < self.min_samples)
+        if s.median_cap:  # capped by the median of the raw scores before this batch
+            raw = scores
+            if self._raw_count:
+                cap = s.median_cap * float(np.median(self._raw[: self._raw_count]))
+                scores = np.minimum(raw, cap)
+            if learning:
+                self._learn_raw(raw[np.isfinite(raw)])
         if s.mean_rows > 1:
             smoothed = moving_mean(scores, s.mean_rows, self._recent)
             self._recent = np.concatenate([self._recent, scores])[-(s.mean_rows - 1) :]
@@ -265,8 +292,6 @@ class SmoothedThreshold(RollingQuantileThreshold):
         if smoothed.size:
             self._level = float(smoothed[-1])
         self.last_smoothed = smoothed
-        # Frozen: compare only, so nothing live moves the threshold once it has min_samples.
-        learning = self.learn and (not s.frozen or self.count < self.min_samples)
         value = self.value
         above = smoothed > value
         if s.likelihood and np.isfinite(value):
@@ -287,6 +312,14 @@ class SmoothedThreshold(RollingQuantileThreshold):
             clip = above & ~cooling if s.learn_in_cooldown else above
             self.observe(np.where(clip, value, smoothed))
         return flags
+
+    def _learn_raw(self, raw: np.ndarray) -> None:
+        """Push raw scores into median_cap's window, a ring (oldest overwritten)."""
+        size = self._raw.size
+        chunk = raw[-size:]
+        self._raw[(self._raw_next + np.arange(chunk.size)) % size] = chunk
+        self._raw_next = (self._raw_next + chunk.size) % size
+        self._raw_count = min(size, self._raw_count + chunk.size)
 
     def _refresh(self) -> None:
         if not self.settings.likelihood:

@@ -35,6 +35,9 @@ OPTIONS = {
     "likelihood + once_per_run + rearm_z": SmoothingSettings(
         likelihood=0.99, ewma_alpha=0.3, once_per_run=True, rearm_z=0.0
     ),
+    "median_cap": SmoothingSettings(
+        median_cap=5.0, likelihood=0.999, ewma_alpha=0.5, once_per_run=True
+    ),
 }
 
 
@@ -152,7 +155,11 @@ def test_a_new_entity_starts_from_the_warm_start() -> None:
 
 
 def test_memory_per_entity_is_about_what_the_docs_say() -> None:
-    for settings in (SmoothingSettings(ewma_alpha=0.1), SmoothingSettings(mean_rows=10)):
+    for settings in (
+        SmoothingSettings(ewma_alpha=0.1),
+        SmoothingSettings(mean_rows=10),
+        SmoothingSettings(ewma_alpha=0.1, median_cap=20.0),  # a second window: raw scores
+    ):
         t = EntitySmoothedThresholds(200, QUANTILE, 50, 10_000, WARM, settings)
         keys = [f"c-{i:05d}" for i in range(2000)]
         t.judge(keys[:1], np.ones(1))  # the template and imports are not per entity

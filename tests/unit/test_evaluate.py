@@ -407,6 +407,43 @@ def test_rearm_z_alerts_of_the_evaluators_level_grid_are_the_pipelines() -> None
     np.testing.assert_array_equal(np.concatenate(flags), shape(above, settings)[0])
 
 
+def test_median_cap_counts_a_score_at_most_c_times_the_median_before_its_batch() -> None:
+    warm = np.array([1.0, 2.0, 3.0, 4.0, 100.0])  # median 3: the warm start capped at 6
+    t = SmoothedThreshold(6, 0.5, 1, warm, SmoothingSettings(median_cap=2.0))
+    assert t.value == pytest.approx(3.0)  # the median of 1, 2, 3, 4, 6
+    t.judge(np.array([5.0, 1e6, 7.0]))
+    assert t.last_smoothed.tolist() == [5.0, 6.0, 6.0]
+    # The raw scores were learned as they are: 2, 3, 4, 100, 5, 1e6, 7 -> window of 6.
+    t.judge(np.array([1e6]))
+    assert t.last_smoothed.tolist() == [2.0 * np.median([3.0, 4.0, 100.0, 5.0, 1e6, 7.0])]
+
+
+def test_median_cap_one_spike_does_not_alert_but_a_lasting_rise_does() -> None:
+    rng = np.random.default_rng(7)
+    warm = rng.gamma(2.0, 0.5, 2000)
+    spike = np.concatenate([rng.gamma(2.0, 0.5, 500), [1e6], rng.gamma(2.0, 0.5, 500)])
+    rise = np.concatenate([rng.gamma(2.0, 0.5, 500), rng.gamma(2.0, 0.5, 60) * 6.0])
+    plain = SmoothingSettings(likelihood=0.99999, ewma_alpha=0.1, once_per_run=True)
+    capped = SmoothingSettings(
+        likelihood=0.99999, ewma_alpha=0.1, once_per_run=True, median_cap=20.0
+    )
+    assert SmoothedThreshold(8640, 0.99, 50, warm, plain).judge(spike).any()  # by its size
+    assert not SmoothedThreshold(8640, 0.99, 50, warm, capped).judge(spike).any()
+    flags = SmoothedThreshold(8640, 0.99, 50, warm, capped).judge(rise)
+    assert flags[500:].any() and not flags[:500].any()
+
+
+def test_median_cap_follows_a_feed_whose_errors_are_all_higher_than_in_training() -> None:
+    rng = np.random.default_rng(3)
+    warm, live = rng.gamma(2.0, 0.5, 500), rng.gamma(2.0, 0.5, 5000) * 50.0
+    t = SmoothedThreshold(1000, 0.99, 50, warm, SmoothingSettings(median_cap=20.0))
+    for k in range(0, live.size, 10):
+        t.judge(live[k : k + 10])
+    # The window holds live rows only: the cap is 20 x their median, which few rows reach
+    # (a fixed cap at the warm start's level would hold every live row).
+    assert np.array_equal(t.last_smoothed, live[-10:])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -417,6 +454,7 @@ def test_rearm_z_alerts_of_the_evaluators_level_grid_are_the_pipelines() -> None
         ({"likelihood": 0.999, "cooldown_rows": 5, "learn_in_cooldown": True}, "learn_in_cooldown"),
         ({"likelihood": 0.999, "rearm_z": 0.0}, "rearm_z"),
         ({"once_per_run": True, "rearm_z": 0.0}, "rearm_z"),
+        ({"median_cap": 0.5}, "median_cap"),
     ],
 )
 def test_smoothing_settings_name_the_bad_field(kwargs: dict[str, Any], field: str) -> None:

@@ -141,6 +141,7 @@ def test_shape_from_any_carried_state() -> None:
         SmoothingSettings(ewma_alpha=0.1, cooldown_rows=288),
         SmoothingSettings(likelihood=0.99999, ewma_alpha=0.1, once_per_run=True),
         SmoothingSettings(mean_rows=10, likelihood=0.99999),
+        SmoothingSettings(likelihood=0.99999, ewma_alpha=0.1, once_per_run=True, median_cap=20.0),
         SmoothingSettings(ewma_alpha=0.3, min_consecutive=3, cooldown_rows=20),
         SmoothingSettings(ewma_alpha=0.2, cooldown_rows=50, learn_in_cooldown=True, margin=1.0),
     ],
