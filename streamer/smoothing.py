@@ -51,7 +51,9 @@
   alerts, and its size is left to `threshold.range_tolerance`. Unlike a fixed cap
   (`training.error_cap`), it follows the feed's own error level: a model that fits the live
   feed worse than its training part does not sit at the cap. The warm start is capped by
-  its own median; a batch is capped by the median before it;
+  its own median; a batch is capped by the median before it. `median_cap_floor`: the cap
+  is never below this (a model that rebuilds its feed almost exactly has a median error
+  near 0, and a cap of a multiple of it would hold every row that matters);
 - `learn_in_cooldown`: the cooldown rows enter the (learning) threshold's window as they
   are, not clipped. The incident has been reported; if what follows it lasts a whole
   cooldown it is taken as the new normal, so the threshold can rise to a new level of the
@@ -99,6 +101,7 @@ class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     two_sided: bool = False  # likelihood: also alert on scores far below the mean
     rearm_z: float | None = None  # likelihood + once_per_run: a run ends at z <= this
     median_cap: float | None = None  # a raw score counts at most this x the window's median
+    median_cap_floor: float = 0.0  # ... and never less than this
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ewma_alpha <= 1.0:
@@ -121,6 +124,8 @@ class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             raise ValueError("smoothing.two_sided needs smoothing.likelihood, and no margin")
         if self.median_cap is not None and not self.median_cap >= 1.0:
             raise ValueError("smoothing.median_cap must be >= 1")
+        if self.median_cap_floor and not (self.median_cap and self.median_cap_floor > 0):
+            raise ValueError("smoothing.median_cap_floor needs median_cap, and must be > 0")
         if self.rearm_z is not None and not (self.likelihood and self.once_per_run):
             raise ValueError("smoothing.rearm_z needs smoothing.likelihood and once_per_run")
         if self.likelihood and self.learn_in_cooldown:
@@ -245,7 +250,7 @@ class SmoothedThreshold(RollingQuantileThreshold):
         if settings.median_cap and warm_start is not None and warm_start.size:
             held = np.asarray(warm_start, dtype=np.float64)[-window_size:]
             self._learn_raw(held)
-            warm_start = np.minimum(held, settings.median_cap * float(np.median(held)))
+            warm_start = np.minimum(held, self._cap(held))
         self._z = NormalDist().inv_cdf(settings.likelihood) if settings.likelihood else 0.0
         self._recent = np.empty(0)  # the last mean_rows - 1 raw scores
         self._mean, self._std = 0.0, 1.0  # the likelihood's normal fit (set by _refresh)
@@ -280,8 +285,7 @@ class SmoothedThreshold(RollingQuantileThreshold):
         if s.median_cap:  # capped by the median of the raw scores before this batch
             raw = scores
             if self._raw_count:
-                cap = s.median_cap * float(np.median(self._raw[: self._raw_count]))
-                scores = np.minimum(raw, cap)
+                scores = np.minimum(raw, self._cap(self._raw[: self._raw_count]))
             if learning:
                 self._learn_raw(raw[np.isfinite(raw)])
         if s.mean_rows > 1:
@@ -312,6 +316,11 @@ class SmoothedThreshold(RollingQuantileThreshold):
             clip = above & ~cooling if s.learn_in_cooldown else above
             self.observe(np.where(clip, value, smoothed))
         return flags
+
+    def _cap(self, held: np.ndarray) -> float:
+        s = self.settings
+        assert s.median_cap is not None
+        return max(s.median_cap * float(np.median(held)), s.median_cap_floor)
 
     def _learn_raw(self, raw: np.ndarray) -> None:
         """Push raw scores into median_cap's window, a ring (oldest overwritten)."""

@@ -418,6 +418,17 @@ def test_median_cap_counts_a_score_at_most_c_times_the_median_before_its_batch()
     assert t.last_smoothed.tolist() == [2.0 * np.median([3.0, 4.0, 100.0, 5.0, 1e6, 7.0])]
 
 
+def test_median_cap_floor_keeps_the_cap_of_a_model_that_rebuilds_its_feed_almost_exactly() -> None:
+    warm = np.full(100, 1e-6)  # a near-perfect fit: 20 x the median is 2e-5
+    settings = SmoothingSettings(median_cap=20.0, median_cap_floor=9.0)
+    t = SmoothedThreshold(200, 0.5, 1, warm, settings)
+    t.judge(np.array([5.0, 50.0]))
+    assert t.last_smoothed.tolist() == [5.0, 9.0]
+    no_floor = SmoothedThreshold(200, 0.5, 1, warm, SmoothingSettings(median_cap=20.0))
+    no_floor.judge(np.array([5.0, 50.0]))
+    assert no_floor.last_smoothed.tolist() == pytest.approx([2e-5, 2e-5])
+
+
 def test_median_cap_one_spike_does_not_alert_but_a_lasting_rise_does() -> None:
     rng = np.random.default_rng(7)
     warm = rng.gamma(2.0, 0.5, 2000)
@@ -455,6 +466,8 @@ def test_median_cap_follows_a_feed_whose_errors_are_all_higher_than_in_training(
         ({"likelihood": 0.999, "rearm_z": 0.0}, "rearm_z"),
         ({"once_per_run": True, "rearm_z": 0.0}, "rearm_z"),
         ({"median_cap": 0.5}, "median_cap"),
+        ({"median_cap_floor": 9.0}, "median_cap_floor"),
+        ({"median_cap": 20.0, "median_cap_floor": -1.0}, "median_cap_floor"),
     ],
 )
 def test_smoothing_settings_name_the_bad_field(kwargs: dict[str, Any], field: str) -> None:
