@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
@@ -146,6 +147,10 @@ def alert_topic_schema() -> dict[str, Any]:
     for definition in ("Alert", "Incident"):
         props = schema["$defs"][definition]["properties"]
         props["schema_version"] = {"const": ALERT_SCHEMA_VERSION}
+    for definition in schema["$defs"].values():
+        # msgspec >= 0.23 dedents docstrings, older releases do not: one file for both.
+        if "description" in definition:
+            definition["description"] = inspect.cleandoc(definition["description"])
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "Messages on the alert topic",
