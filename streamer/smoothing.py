@@ -85,7 +85,7 @@ from statistics import NormalDist
 import msgspec
 import numpy as np
 
-from streamer.threshold import RollingQuantileThreshold
+from streamer.threshold import RollingQuantileThreshold, ring_push
 
 
 class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -323,12 +323,8 @@ class SmoothedThreshold(RollingQuantileThreshold):
         return max(s.median_cap * float(np.median(held)), s.median_cap_floor)
 
     def _learn_raw(self, raw: np.ndarray) -> None:
-        """Push raw scores into median_cap's window, a ring (oldest overwritten)."""
-        size = self._raw.size
-        chunk = raw[-size:]
-        self._raw[(self._raw_next + np.arange(chunk.size)) % size] = chunk
-        self._raw_next = (self._raw_next + chunk.size) % size
-        self._raw_count = min(size, self._raw_count + chunk.size)
+        """Push raw scores into median_cap's window (a ring, as the threshold's own)."""
+        self._raw_next, self._raw_count = ring_push(self._raw, self._raw_next, self._raw_count, raw)
 
     def _refresh(self) -> None:
         if not self.settings.likelihood:

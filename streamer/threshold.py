@@ -39,6 +39,30 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 
 
+def ring_push(ring: np.ndarray, next_slot: int, count: int, scores: np.ndarray) -> tuple[int, int]:
+    """Write `scores` into the ring buffer `ring` from `next_slot`, the oldest overwritten
+    first; returns the new (next slot, count held).
+
+    >>> ring = np.zeros(3)
+    >>> ring_push(ring, 2, 2, np.array([7.0, 8.0])), ring.tolist()
+    ((1, 3), [8.0, 0.0, 7.0])
+    """
+    size, n = ring.size, scores.size
+    if n == 0:
+        return next_slot, count
+    if n >= size:
+        ring[:] = scores[-size:]
+        return 0, size
+    end = next_slot + n
+    if end <= size:
+        ring[next_slot:end] = scores
+    else:
+        split = size - next_slot
+        ring[next_slot:] = scores[:split]
+        ring[: n - split] = scores[split:]
+    return end % size, min(size, count + n)
+
+
 class RollingQuantileThreshold:
     def __init__(
         self,
@@ -99,22 +123,7 @@ class RollingQuantileThreshold:
         self._refresh()
 
     def _push(self, scores: np.ndarray) -> None:
-        n = scores.size
-        if n == 0:
-            return
-        if n >= self.window_size:
-            self._ring[:] = scores[-self.window_size :]
-            self._next, self._count = 0, self.window_size
-            return
-        end = self._next + n
-        if end <= self.window_size:
-            self._ring[self._next : end] = scores
-        else:
-            split = self.window_size - self._next
-            self._ring[self._next :] = scores[:split]
-            self._ring[: n - split] = scores[split:]
-        self._next = end % self.window_size
-        self._count = min(self.window_size, self._count + n)
+        self._next, self._count = ring_push(self._ring, self._next, self._count, scores)
 
     def _refresh(self) -> None:
         if self._count < self.min_samples:
