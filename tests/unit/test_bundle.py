@@ -352,3 +352,58 @@ def test_score_weights_make_a_feature_context(tmp_path: Path) -> None:
     (loaded.path / bundles.MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
     with pytest.raises(bundles.BundleError, match="score_weights must be one weight >= 0"):
         bundles.load(tmp_path / "r")
+
+
+@pytest.mark.parametrize("window", [False, True])
+def test_merged_members_output_their_mean(window: bool) -> None:
+    """An ensemble trains as parallel stacks and ships as one plain model with
+    block-diagonal weights; that model's output is the members' mean, exactly."""
+    from training.models import (
+        build_dense_autoencoder,
+        build_dense_window_autoencoder,
+        ensemble_target,
+        merge_members,
+    )
+
+    rng = np.random.default_rng(3)
+    k, d = 3, 4
+    if window:  # forecast: the last row is cropped off the input, as training.forecast does
+        x = rng.normal(size=(32, 6, d)).astype(np.float32)
+        trained = build_dense_window_autoencoder(d, 6, [8, 5], 2, 1e-3, True, k)
+        plain = build_dense_window_autoencoder(d, 6, [8 * k, 5 * k], 2 * k, 1e-3, True)
+    else:  # with context features, as a dense forecast model has
+        x = rng.normal(size=(32, d)).astype(np.float32)
+        trained = build_dense_autoencoder(d, [8, 5], 2, 1e-3, [0, 2], k)
+        plain = build_dense_autoencoder(d, [8 * k, 5 * k], 2 * k, 1e-3, [0, 2])
+    assert ensemble_target(x, k).shape == (*x.shape[:-1], d * k)
+    out = trained.predict(x, verbose=0)
+    members = [out[..., m * d : (m + 1) * d] for m in range(k)]
+    assert not np.allclose(members[0], members[1])  # independent initial weights
+    merge_members(trained, plain, k)
+    np.testing.assert_allclose(plain.predict(x, verbose=0), np.mean(members, axis=0), atol=1e-5)
+
+
+def test_ensemble_bundle_loads_and_scores_alike_in_both_runtimes(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).normal(size=(600, len(SENSORS.feature_names())))
+    history = History(x, np.arange(600.0), 0)
+    settings = TrainingSettings(ensemble=3, hidden_units=[8], bottleneck=2, epochs=2)
+    b = fit_bundle(SENSORS, history, settings, tmp_path / "r", source="ensemble")
+    import keras
+
+    model = keras.models.load_model(b.path / bundles.MODEL_FILE, compile=False)
+    widths = [layer.units for layer in model.layers if layer.__class__.__name__ == "Dense"]
+    assert widths == [24, 6, 24, len(SENSORS.feature_names())]
+    assert b.manifest.training["settings"]["ensemble"] == 3
+    assert b.manifest.training["ensemble_val_loss"] > 0
+    rows = x[:50].astype(np.float32)
+    numpy_scorer, keras_scorer = b.load_scorer("numpy"), b.load_scorer("tensorflow")
+    np.testing.assert_allclose(
+        numpy_scorer.reconstruct(rows), keras_scorer.reconstruct(rows), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_ensemble_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"training\.ensemble must be >= 1, not 0"):
+        TrainingSettings(ensemble=0)
+    with pytest.raises(ValueError, match=r"training\.ensemble > 1 needs training\.model"):
+        TrainingSettings(ensemble=2, model="lstm")
