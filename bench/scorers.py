@@ -1,10 +1,9 @@
 """The numpy runtime's forward pass per model kind: the dense model on one row per event (the
-baseline), the same as a `training.ensemble` bundle holds it (one model `--ensemble` times as
-wide), and the two windowed kinds, dense_window and lstm, on each event's window, measured in
-the same run. No pipeline, no Kafka.
+baseline), and the two windowed kinds, dense_window and lstm, on each event's window,
+measured in the same run. No pipeline, no Kafka.
 
     .venv/bin/python bench/scorers.py [--features 5] [--window 30] [--batches 1,100,1000,10000]
-        [--ensemble 5] [--repeats 5] [--min-seconds 0.5]
+        [--repeats 5] [--min-seconds 0.5]
 
 The models are training/models.py's, at the daemon's default sizes (dense and dense_window:
 hidden [32, 16], bottleneck 4; lstm: units [64, 32]), with Keras's random initial weights
@@ -46,11 +45,8 @@ EVENTS = 20_000
 BASELINE = "dense (the event's row)"
 
 
-def scorers(
-    features: int, window: int, workdir: Path, ensemble: int = 5
-) -> dict[str, tuple[Any, Any]]:
-    """(numpy scorer, Keras model) per kind, at the default sizes of TrainingSettings; the
-    ensemble as a bundle holds it, one plain model `ensemble` times as wide."""
+def scorers(features: int, window: int, workdir: Path) -> dict[str, tuple[Any, Any]]:
+    """(numpy scorer, Keras model) per kind, at the default sizes of TrainingSettings."""
     import keras
 
     from streamer.config import TrainingSettings
@@ -65,15 +61,6 @@ def scorers(
     models = {
         BASELINE: (
             build_dense_autoencoder(features, t.hidden_units, t.bottleneck, t.learning_rate),
-            NumpyDenseScorer,
-        ),
-        f"dense, ensemble of {ensemble} (the event's row)": (
-            build_dense_autoencoder(
-                features,
-                [ensemble * h for h in t.hidden_units],
-                ensemble * t.bottleneck,
-                t.learning_rate,
-            ),
             NumpyDenseScorer,
         ),
         "dense_window (the event's window)": (
@@ -95,11 +82,6 @@ def scorers(
     return out
 
 
-def on_rows(name: str) -> bool:
-    """Whether a model scores the event's row (dense kinds) rather than its window."""
-    return name.endswith("(the event's row)")
-
-
 def parity(scorer: Any, model: Any, x: np.ndarray) -> tuple[float, float]:
     """(largest difference between the numpy scorer and Keras on x, the bundle's allowance)."""
     return parity_gap(x, scorer.reconstruct(x), model.predict(x, verbose=0))
@@ -116,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=30, help="rows per window")
     ap.add_argument("--batches", default="1,100,1000,10000", help="events per call")
     ap.add_argument("--events", type=int, default=EVENTS, help="rows (windows) to cut from")
-    ap.add_argument("--ensemble", type=int, default=5, help="training.ensemble members")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--min-seconds", type=float, default=0.5)
     args = ap.parse_args(argv)
@@ -127,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     windows = rng.normal(size=(args.events, args.window, args.features)).astype(np.float32)
     rows = np.ascontiguousarray(windows[:, -1, :])  # the dense model sees the event's row
     with tempfile.TemporaryDirectory() as tmp:
-        kinds = scorers(args.features, args.window, Path(tmp), args.ensemble)
+        kinds = scorers(args.features, args.window, Path(tmp))
     failed = False
     for name, (scorer, model) in kinds.items():
-        x = rows[:64] if on_rows(name) else windows[:64]
+        x = rows[:64] if name == BASELINE else windows[:64]
         diff, allowed = parity(scorer, model, x)
         print(f"parity {name}: max |numpy - keras| = {diff:.2e} (allowed {allowed:.1e})")
         failed |= not diff <= allowed
@@ -150,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| events per call | model | ms per call | us per event | ratio to dense |")
     print("|---:|---|---:|---:|---:|")
     for size in sizes:
-        cut = {name: batches(rows if on_rows(name) else windows, size) for name in kinds}
+        cut = {name: batches(rows if name == BASELINE else windows, size) for name in kinds}
         times: dict[str, list[float]] = {name: [] for name in kinds}
         for _ in range(args.repeats):
             for name, (scorer, _model) in kinds.items():

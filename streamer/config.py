@@ -328,21 +328,8 @@ class TrainingSettings(_Section, frozen=True):
     # Weight 0 makes a feature context: the model reads and rebuilds it, the score ignores
     # its error. Resolved against the spec's names at training and written into the bundle.
     score_weights: dict[str, float] = msgspec.field(default_factory=dict)
-    # Train this many models of the same shape from different initial weights and score
-    # with their mean output (dense and dense_window). One model's errors depend on its
-    # initialisation; the mean's depend less, so a retrain moves the alerts less. The
-    # bundle holds one plain model `ensemble` times as wide (training/models.py:
-    # merge_members), so the daemon loads and scores it as any other; training and scoring
-    # cost about `ensemble` times as much.
-    ensemble: int = 1
 
     def __post_init__(self) -> None:
-        if self.ensemble < 1:
-            raise ValueError(f"training.ensemble must be >= 1, not {self.ensemble!r}")
-        if self.ensemble > 1 and self.model == "lstm":
-            raise ValueError(
-                'training.ensemble > 1 needs training.model = "dense" or "dense_window"'
-            )
         if self.error_cap is not None and not self.error_cap > 0:
             raise ValueError(f"training.error_cap must be > 0, not {self.error_cap!r}")
         for pattern, weight in self.score_weights.items():

@@ -33,8 +33,6 @@ from training.models import (
     build_dense_autoencoder,
     build_dense_window_autoencoder,
     build_lstm_autoencoder,
-    ensemble_target,
-    merge_members,
 )
 
 log = logging.getLogger(__name__)
@@ -85,8 +83,6 @@ def fit_bundle(
         resolve_weights(names, training.score_weights) if training.score_weights else None
     )
     window_length: int | None = None
-    members = training.ensemble
-    build: Any = None  # the plain model that `members` > 1 are merged into
     if training.model == "lstm":
         window_length = training.window_length
         split = _window_split(spec, history, training, source)
@@ -104,15 +100,10 @@ def fit_bundle(
                 f"{width} values (window_length {window_length} x {len(names)} features)"
             )
         split = _window_split(spec, history, training, source)
-        length = window_length  # a non-Optional name for the lambda
-
-        def build(width: int, k: int) -> Any:
-            return build_dense_window_autoencoder(
-                len(names), length, [width * h for h in training.hidden_units],
-                width * training.bottleneck, training.learning_rate, training.forecast, k,
-            )  # fmt: skip
-
-        model = build(1, members)
+        model = build_dense_window_autoencoder(
+            len(names), window_length, training.hidden_units, training.bottleneck,
+            training.learning_rate, training.forecast,
+        )  # fmt: skip
         parity_size = 8
     else:
         split = _dense_split(spec, history, training)
@@ -125,23 +116,18 @@ def fit_bundle(
                     "training.forecast: no feature has score weight 0 (context) in "
                     f"training.score_weights {training.score_weights}"
                 )
-
-        def build(width: int, k: int) -> Any:
-            return build_dense_autoencoder(
-                len(names), [width * h for h in training.hidden_units],
-                width * training.bottleneck, training.learning_rate, visible, k,
-            )  # fmt: skip
-
-        model = build(1, members)
+        model = build_dense_autoencoder(
+            len(names), training.hidden_units, training.bottleneck, training.learning_rate,
+            visible,
+        )  # fmt: skip
         parity_size = 16
     x_train, x_val = split.x_train, split.x_val
     stop = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=training.patience, restore_best_weights=True
     )
-    y_train, y_val = ensemble_target(x_train, members), ensemble_target(x_val, members)
     fitted = model.fit(
-        x_train, y_train,
-        validation_data=(x_val, y_val),
+        x_train, x_train,
+        validation_data=(x_val, x_val),
         epochs=training.epochs,
         batch_size=training.batch_size,
         shuffle=True,
@@ -156,16 +142,6 @@ def fit_bundle(
             "early stop after epoch %d/%d: val_loss has not improved for %d epochs",
             len(history_dict["loss"]), training.epochs, training.patience,
         )  # fmt: skip
-    ensemble_val_loss = None
-    if members > 1:
-        # One plain model, `members` times as wide, that outputs the members' mean: what the
-        # bundle holds and the daemon scores with. Its own held-out loss goes in the manifest
-        # beside the members' mean loss that early stopping watched.
-        assert build is not None  # TrainingSettings refuses an LSTM ensemble
-        plain = build(members, 1)
-        merge_members(model, plain, members)
-        model = plain
-        ensemble_val_loss = float(model.evaluate(x_val, x_val, verbose=0))
     # Held-out errors, in event order: what the live stream should look like to the threshold.
     # Scored as the daemon scores (event_scores: the cap and the weights of the bundle).
     val_errors = feature_errors(
@@ -216,7 +192,6 @@ def fit_bundle(
                 "best_epoch": best + 1,
                 "best_val_loss": history_dict["val_loss"][best],
                 "final_loss": history_dict["loss"][-1],
-                **({} if ensemble_val_loss is None else {"ensemble_val_loss": ensemble_val_loss}),
                 "history": history_dict,
                 "val_error_quantiles": quantiles,
                 "val_feature_error": dict(zip(names, feature_error.tolist(), strict=True)),
