@@ -85,7 +85,7 @@ from statistics import NormalDist
 import msgspec
 import numpy as np
 
-from streamer.threshold import RollingQuantileThreshold, ring_push
+from streamer.threshold import RollingQuantileThreshold, ring_push, ring_resize
 
 
 class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -316,6 +316,14 @@ class SmoothedThreshold(RollingQuantileThreshold):
             clip = above & ~cooling if s.learn_in_cooldown else above
             self.observe(np.where(clip, value, smoothed))
         return flags
+
+    def reconfigure(self, quantile: float | None = None, window_size: int | None = None) -> None:
+        """As the rolling threshold's; median_cap's window of raw scores follows the size."""
+        super().reconfigure(quantile, window_size)
+        if self.settings.median_cap and self._raw.size != self.window_size:
+            self._raw, self._raw_next, self._raw_count = ring_resize(
+                self._raw, self._raw_next, self._raw_count, self.window_size
+            )
 
     def _cap(self, held: np.ndarray) -> float:
         s = self.settings

@@ -63,6 +63,23 @@ def ring_push(ring: np.ndarray, next_slot: int, count: int, scores: np.ndarray) 
     return end % size, min(size, count + n)
 
 
+def ring_resize(
+    ring: np.ndarray, next_slot: int, count: int, size: int
+) -> tuple[np.ndarray, int, int]:
+    """A ring of `size` holding the most recent of `ring`'s scores; returns (the new ring,
+    its next slot, count held).
+
+    >>> ring = np.array([8.0, 6.0, 7.0])  # 6 oldest, 8 newest: the next slot is 1
+    >>> new, next_slot, count = ring_resize(ring, 1, 3, 2)
+    >>> new.tolist(), next_slot, count
+    ([7.0, 8.0], 0, 2)
+    """
+    held = np.roll(ring[:count], -next_slot if count == ring.size else 0)  # oldest first
+    new = np.empty(size, dtype=ring.dtype)
+    next_slot, count = ring_push(new, 0, 0, held[-size:])
+    return new, next_slot, count
+
+
 class RollingQuantileThreshold:
     def __init__(
         self,
@@ -101,13 +118,10 @@ class RollingQuantileThreshold:
         if window_size is not None and window_size != self.window_size:
             if window_size < 1:
                 raise ValueError("window_size must be >= 1")
-            held = np.roll(
-                self._ring[: self._count], -self._next if self._count == self.window_size else 0
+            self._ring, self._next, self._count = ring_resize(
+                self._ring, self._next, self._count, window_size
             )
             self.window_size = window_size
-            self._ring = np.empty(window_size, dtype=np.float64)
-            self._count = self._next = 0
-            self._push(held[-window_size:])
         self._refresh()
 
     def judge(self, scores: np.ndarray) -> np.ndarray:

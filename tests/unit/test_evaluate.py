@@ -418,6 +418,18 @@ def test_median_cap_counts_a_score_at_most_c_times_the_median_before_its_batch()
     assert t.last_smoothed.tolist() == [2.0 * np.median([3.0, 4.0, 100.0, 5.0, 1e6, 7.0])]
 
 
+def test_median_cap_window_follows_a_runtime_window_size() -> None:
+    """set_threshold's window_size (runtime control) resizes the raw-score window too."""
+    warm = np.array([1.0, 2.0, 3.0, 4.0, 100.0])
+    t = SmoothedThreshold(6, 0.5, 1, warm, SmoothingSettings(median_cap=2.0))
+    t.reconfigure(window_size=2)  # the last two raw scores: 4 and 100, median 52
+    t.judge(np.array([1000.0]))
+    assert t.last_smoothed.tolist() == [104.0]
+    t.reconfigure(window_size=4)  # growing keeps what is held: 100, 1000
+    t.judge(np.array([1e6]))
+    assert t.last_smoothed.tolist() == [2.0 * 550.0]
+
+
 def test_median_cap_floor_keeps_the_cap_of_a_model_that_rebuilds_its_feed_almost_exactly() -> None:
     warm = np.full(100, 1e-6)  # a near-perfect fit: 20 x the median is 2e-5
     settings = SmoothingSettings(median_cap=20.0, median_cap_floor=9.0)
