@@ -328,8 +328,20 @@ class TrainingSettings(_Section, frozen=True):
     # Weight 0 makes a feature context: the model reads and rebuilds it, the score ignores
     # its error. Resolved against the spec's names at training and written into the bundle.
     score_weights: dict[str, float] = msgspec.field(default_factory=dict)
+    # 0: the threshold's warm start is the bundle model's errors on its held-out rows
+    # (validation_split of the history). k >= 2 ("dense" only): the out-of-fold errors of
+    # every history row, from k more models trained side by side, each on all folds but
+    # the row's. A warm start of every row, not a random few: its quantiles and
+    # the likelihood's first mean and spread no longer hang on which rows the seed held out.
+    warm_start_folds: int = 0
 
     def __post_init__(self) -> None:
+        if self.warm_start_folds == 1 or self.warm_start_folds < 0:
+            raise ValueError(
+                f"training.warm_start_folds must be 0 or >= 2, not {self.warm_start_folds!r}"
+            )
+        if self.warm_start_folds and self.model != "dense":
+            raise ValueError('training.warm_start_folds needs training.model = "dense"')
         if self.error_cap is not None and not self.error_cap > 0:
             raise ValueError(f"training.error_cap must be > 0, not {self.error_cap!r}")
         for pattern, weight in self.score_weights.items():

@@ -32,7 +32,9 @@ from training.datasets import History
 from training.models import (
     build_dense_autoencoder,
     build_dense_window_autoencoder,
+    build_fold_autoencoders,
     build_lstm_autoencoder,
+    fold_target,
 )
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ def fit_bundle(
         resolve_weights(names, training.score_weights) if training.score_weights else None
     )
     window_length: int | None = None
+    visible: list[int] | None = None  # forecast: the context features the model sees
     if training.model == "lstm":
         window_length = training.window_length
         split = _window_split(spec, history, training, source)
@@ -107,7 +110,6 @@ def fit_bundle(
         parity_size = 8
     else:
         split = _dense_split(spec, history, training)
-        visible = None
         if training.forecast:  # the model sees the context features (weight 0) only
             assert score_weights is not None  # TrainingSettings: forecast needs the weights
             visible = np.flatnonzero(score_weights == 0).tolist()
@@ -148,7 +150,12 @@ def fit_bundle(
         reconstruction_errors(x_val, model.predict(x_val, verbose=0)), training.forecast
     )
     val_scores = event_scores(val_errors, training.error_cap, score_weights)
-    quantiles = {str(q): float(np.quantile(val_scores, q)) for q in WARM_START_QUANTILES}
+    warm_scores = val_scores
+    if training.warm_start_folds:
+        warm_scores = _out_of_fold_scores(
+            keras, split.scaler.transform(history.features), training, visible, score_weights
+        )
+    quantiles = {str(q): float(np.quantile(warm_scores, q)) for q in WARM_START_QUANTILES}
     # Which features the model rebuilds worst on held-out data (the report's bar chart).
     feature_error = val_errors.mean(axis=0)
 
@@ -170,7 +177,7 @@ def fit_bundle(
         (staging / bundles.SPEC_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(spec)))
         low, high = split.feature_range
         warm = bundles.WarmStart(
-            errors=val_scores.tolist(), quantiles=quantiles, feature_low=low, feature_high=high
+            errors=warm_scores.tolist(), quantiles=quantiles, feature_low=low, feature_high=high
         )
         (staging / bundles.THRESHOLD_FILE).write_bytes(msgspec.json.encode(warm))
         drift = build_reference(names, split.rows_train, val_scores)
@@ -249,6 +256,43 @@ def _dense_split(spec: FeatureSpec, history: History, training: TrainingSettings
         rows_train=x_train,
         feature_range=training_range(x_train, x_val),  # together, every history row
     )
+
+
+def _out_of_fold_scores(
+    keras: Any,
+    x: np.ndarray,
+    training: TrainingSettings,
+    visible: list[int] | None,
+    score_weights: np.ndarray | None,
+) -> np.ndarray:
+    """`training.warm_start_folds`: every history row's score (in event order) from a model
+    of the bundle's shape that did not train on it. The rows are dealt into k folds at
+    random (rows are independent to a dense model); k models train side by side, each on
+    the other folds, early stopping on the mean error of their own folds."""
+    k, n = training.warm_start_folds, x.shape[0]
+    fold = np.empty(n, dtype=np.int64)
+    fold[np.random.default_rng([training.seed, k]).permutation(n)] = np.arange(n) % k
+    model = build_fold_autoencoders(
+        x.shape[1], training.hidden_units, training.bottleneck, training.learning_rate,
+        visible, k,
+    )  # fmt: skip
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=training.patience, restore_best_weights=True
+    )
+    fitted = model.fit(
+        x, fold_target(x, fold, k, held_out=False),
+        validation_data=(x, fold_target(x, fold, k, held_out=True)),
+        epochs=training.epochs, batch_size=training.batch_size, shuffle=True,
+        callbacks=[stop], verbose=0,
+    )  # fmt: skip
+    out = model.predict(x, verbose=0).reshape(n, k, x.shape[1])
+    own = out[np.arange(n), fold]  # each row as rebuilt by the member that never saw it
+    log.info(
+        "warm start: out-of-fold errors of %d rows from %d models (%d epochs)",
+        n, k, len(fitted.history["loss"]),
+    )  # fmt: skip
+    errors = feature_errors(reconstruction_errors(x, own), training.forecast)
+    return event_scores(errors, training.error_cap, score_weights)
 
 
 def _window_split(

@@ -352,3 +352,47 @@ def test_score_weights_make_a_feature_context(tmp_path: Path) -> None:
     (loaded.path / bundles.MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
     with pytest.raises(bundles.BundleError, match="score_weights must be one weight >= 0"):
         bundles.load(tmp_path / "r")
+
+
+def test_fold_members_learn_only_outside_their_fold() -> None:
+    """The masked loss of `build_fold_autoencoders`: a member whose fold holds every row has
+    nothing to learn from and keeps its initial weights; the other one trains."""
+    import keras
+
+    from training.models import build_fold_autoencoders, fold_target
+
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(0, 1, (64, 3)).astype(np.float32)
+    model = build_fold_autoencoders(3, [4], 2, 1e-2, None, 2)
+    before = {w.path: w.numpy().copy() for w in model.trainable_weights}
+    fold = np.zeros(64, dtype=np.int64)
+    model.fit(x, fold_target(x, fold, 2, held_out=False), epochs=2, batch_size=16, verbose=0)
+    moved = {w.path: not np.array_equal(before[w.path], w.numpy()) for w in model.trainable_weights}
+    assert not any(m for p, m in moved.items() if p.startswith("f0_"))
+    # Its linear output layer always has a gradient (a dead ReLU unit before it may not).
+    assert moved["f1_reconstruction/kernel"] and moved["f1_reconstruction/bias"]
+
+
+def test_warm_start_folds_score_every_history_row(tmp_path: Path) -> None:
+    from tests.conftest import write_events
+    from training.datasets import read_jsonl
+
+    events = tmp_path / "train.jsonl"
+    write_events(events, "sensors", count=600, seed=3, anomaly_rate=0.0)
+    history = read_jsonl(SENSORS, events)
+    n = history.features.shape[0]
+    common = {"score_weights": {"temp*": 0.0}, "forecast": True, "epochs": 3, "seed": 1}
+    held = fit_bundle(SENSORS, history, TrainingSettings(**common), tmp_path / "a", source="h")
+    settings = TrainingSettings(warm_start_folds=3, **common)
+    b = fit_bundle(SENSORS, history, settings, tmp_path / "b", source="f")
+    assert held.warm_start.size == int(n * 0.15)
+    assert b.warm_start.size == n  # every row, in event order
+    assert np.isfinite(b.warm_start).all() and (b.warm_start > 0).all()
+    warm = msgspec.json.decode((b.path / bundles.THRESHOLD_FILE).read_bytes())
+    assert warm["quantiles"]["0.5"] == pytest.approx(float(np.quantile(b.warm_start, 0.5)))
+    # The bundle's own model is trained as without folds.
+    assert b.manifest.training["best_val_loss"] == held.manifest.training["best_val_loss"]
+    with pytest.raises(ValueError, match=r"warm_start_folds must be 0 or >= 2"):
+        TrainingSettings(warm_start_folds=1)
+    with pytest.raises(ValueError, match=r'warm_start_folds needs training.model = "dense"'):
+        TrainingSettings(warm_start_folds=3, model="lstm", window_length=4)
