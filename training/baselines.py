@@ -22,7 +22,7 @@ import numpy as np
 
 from streamer.config import TrainingSettings
 from streamer.features import FeatureSpec
-from training.models import build_dense_autoencoder
+from training.models import build_dense_autoencoder, early_stopping
 
 
 class BaselineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -65,9 +65,7 @@ def b1(
     model = build_dense_autoencoder(
         x_train.shape[1], settings.b1_hidden_units, training.bottleneck, training.learning_rate
     )
-    stop = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=training.patience, restore_best_weights=True
-    )
+    stop = early_stopping(training.patience)
     model.fit(
         z_train, z_train,
         validation_split=training.validation_split,

@@ -34,6 +34,7 @@ from training.models import (
     build_dense_window_autoencoder,
     build_fold_autoencoders,
     build_lstm_autoencoder,
+    early_stopping,
     fold_target,
 )
 
@@ -124,9 +125,7 @@ def fit_bundle(
         )  # fmt: skip
         parity_size = 16
     x_train, x_val = split.x_train, split.x_val
-    stop = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=training.patience, restore_best_weights=True
-    )
+    stop = early_stopping(training.patience)
     fitted = model.fit(
         x_train, x_train,
         validation_data=(x_val, x_val),
@@ -153,7 +152,7 @@ def fit_bundle(
     warm_scores = val_scores
     if training.warm_start_folds:
         warm_scores = _out_of_fold_scores(
-            keras, split.scaler.transform(history.features), training, visible, score_weights
+            split.scaler.transform(history.features), training, visible, score_weights
         )
     quantiles = {str(q): float(np.quantile(warm_scores, q)) for q in WARM_START_QUANTILES}
     # Which features the model rebuilds worst on held-out data (the report's bar chart).
@@ -259,7 +258,6 @@ def _dense_split(spec: FeatureSpec, history: History, training: TrainingSettings
 
 
 def _out_of_fold_scores(
-    keras: Any,
     x: np.ndarray,
     training: TrainingSettings,
     visible: list[int] | None,
@@ -276,9 +274,7 @@ def _out_of_fold_scores(
         x.shape[1], training.hidden_units, training.bottleneck, training.learning_rate,
         visible, k,
     )  # fmt: skip
-    stop = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=training.patience, restore_best_weights=True
-    )
+    stop = early_stopping(training.patience)
     fitted = model.fit(
         x, fold_target(x, fold, k, held_out=False),
         validation_data=(x, fold_target(x, fold, k, held_out=True)),

@@ -7,6 +7,16 @@ from typing import Any
 import numpy as np
 
 
+def early_stopping(patience: int) -> Any:
+    """The callback every training here uses: stop once the held-out loss has not improved
+    for `patience` epochs, and keep the best epoch's weights."""
+    import keras
+
+    return keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=patience, restore_best_weights=True
+    )
+
+
 def build_dense_autoencoder(
     n_features: int,
     hidden_units: list[int],
