@@ -173,3 +173,47 @@ def test_a_smoothed_threshold_alerts_as_with_the_loops(
     np.testing.assert_array_equal(flags, want_flags)
     np.testing.assert_allclose(smoothed, want_smoothed, rtol=1e-12)
     np.testing.assert_allclose(values, want_values, rtol=1e-9)
+
+
+@pytest.mark.parametrize("smoother", [{"ewma_alpha": 0.1}, {"mean_rows": 10}], ids=["ewma", "mean"])
+def test_a_smoothed_warm_start_is_the_stream_run_on_from_its_median(
+    smoother: dict[str, float],
+) -> None:
+    """smooth_warm_start: the warm start is smoothed as if it were the first live batch, so
+    the threshold's window, its alerts and the smoother's state are those of one threshold
+    fed warm start then live scores, with nothing in its window before them."""
+    rng = np.random.default_rng(7)
+    warm, live = scores(rng, 600), scores(rng, 900)
+    common = {"likelihood": 0.9999, "once_per_run": True, "median_cap": 20.0, **smoother}
+    on = SmoothedThreshold(
+        8640, 0.99, 50, warm, SmoothingSettings(**common, smooth_warm_start=True)
+    )
+    # The reference: an empty window, its level started at the warm start's capped median,
+    # its raw window holding the warm start (as median_cap's own warm start does), then the
+    # capped warm start judged as a first batch.
+    ref = SmoothedThreshold(8640, 0.99, 50, None, SmoothingSettings(**common))
+    capped = np.minimum(warm, 20.0 * np.median(warm))
+    ref._level = float(np.median(capped))  # as the warm start's own level
+    ref._learn_raw(warm)
+    ref._recent = np.empty(0)
+    ref.observe(ref._smooth(capped))
+    start = float(np.median(capped))
+    if "mean_rows" in smoother:
+        want = smoothing.moving_mean(capped, 10, np.empty(0))
+    else:
+        want = ewma_loop(capped, 0.1, start)
+    assert on.count == warm.size
+    np.testing.assert_allclose(on._ring[: on.count], want, rtol=1e-12)
+    np.testing.assert_allclose(ref._ring[: ref.count], want, rtol=1e-12)
+    assert on.value == pytest.approx(ref.value, rel=1e-12)
+    for part in np.array_split(live, 7):
+        assert on.judge(part).tolist() == ref.judge(part).tolist()
+        np.testing.assert_allclose(on.last_smoothed, ref.last_smoothed, rtol=1e-12)
+    off = SmoothedThreshold(8640, 0.99, 50, warm, SmoothingSettings(**common))
+    # Smoothed rows spread less than single rows': the threshold starts lower.
+    assert on.value < off.value
+
+
+def test_smooth_warm_start_needs_a_smoother() -> None:
+    with pytest.raises(ValueError, match=r"smoothing\.smooth_warm_start needs a smoother"):
+        SmoothingSettings(smooth_warm_start=True)
