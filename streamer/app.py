@@ -235,16 +235,6 @@ class Detector:
                 f"{bundle.path}: smoothing.margin needs the bundle's warm start (held-out "
                 "errors), and it has none"
             )
-        if (
-            smoothing is not None
-            and smoothing.smooth_warm_start
-            and not bundle.warm_start_consecutive
-        ):
-            raise bundles.BundleError(
-                f"{bundle.path}: smoothing.smooth_warm_start needs a warm start of consecutive "
-                "rows (a bundle trained with training.warm_start_folds); this one's is a "
-                "held-out share"
-            )
         scorer = bundle.load_scorer(self.settings.model.runtime)
         # Trace the model's graph now, so the first batch does not pay for it after /readyz.
         steps = (scorer.window_length,) if scorer.window_length else ()

@@ -105,18 +105,13 @@ class Parity(msgspec.Struct, forbid_unknown_fields=True):
     reconstructed: list[Any]  # what Keras made of them at training time
 
 
-class WarmStart(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    # omit_defaults: a bundle without warm_start_folds is written as before it (older daemons
-    # refuse unknown fields).
+class WarmStart(msgspec.Struct, forbid_unknown_fields=True):
     errors: list[float]  # held-out reconstruction errors, in event order
     quantiles: dict[str, float]
     # Each scaled feature's min and max over the training period's rows (train and held
     # out): where threshold.range_tolerance starts. Absent in bundles written before it.
     feature_low: list[float] | None = None
     feature_high: list[float] | None = None
-    # True: `errors` are every history row's, consecutive (training.warm_start_folds), so
-    # smoothing.smooth_warm_start may smooth them; false (older bundles): a held-out share.
-    consecutive: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,7 +125,6 @@ class Bundle:
     drift: DriftReference | None = None
     # Each scaled feature's (min, max) over the training rows; None in older bundles.
     feature_range: tuple[np.ndarray, np.ndarray] | None = None
-    warm_start_consecutive: bool = False  # WarmStart.consecutive
 
     @property
     def version(self) -> str:
@@ -370,7 +364,6 @@ def load(path: Path, expected_spec: FeatureSpec | None = None) -> Bundle:
         warm_start,
         drift,
         _feature_range(warm, len(spec.feature_names())),
-        warm.consecutive,
     )
 
 

@@ -54,13 +54,6 @@
   its own median; a batch is capped by the median before it. `median_cap_floor`: the cap
   is never below this (a model that rebuilds its feed almost exactly has a median error
   near 0, and a cap of a multiple of it would hold every row that matters);
-- `smooth_warm_start`: the warm start is smoothed like the live scores (after its
-  median cap) before it enters the window, and live smoothing goes on from where it ends.
-  Only for a warm start of consecutive rows: a bundle trained with
-  `training.warm_start_folds` (every history row, in event order); the daemon and the
-  evaluator refuse it for a held-out share, whose smoothed values would be those of rows
-  that never followed each other. The window then holds smoothed scores only, as the rule
-  judges, instead of single rows' errors whose wider spread keeps the threshold high;
 - `learn_in_cooldown`: the cooldown rows enter the (learning) threshold's window as they
   are, not clipped. The incident has been reported; if what follows it lasts a whole
   cooldown it is taken as the new normal, so the threshold can rise to a new level of the
@@ -109,7 +102,6 @@ class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     rearm_z: float | None = None  # likelihood + once_per_run: a run ends at z <= this
     median_cap: float | None = None  # a raw score counts at most this x the window's median
     median_cap_floor: float = 0.0  # ... and never less than this
-    smooth_warm_start: bool = False  # a consecutive warm start is smoothed like live scores
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ewma_alpha <= 1.0:
@@ -136,10 +128,6 @@ class SmoothingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             raise ValueError("smoothing.median_cap_floor needs median_cap, and must be > 0")
         if self.rearm_z is not None and not (self.likelihood and self.once_per_run):
             raise ValueError("smoothing.rearm_z needs smoothing.likelihood and once_per_run")
-        if self.smooth_warm_start and self.mean_rows == 1 and self.ewma_alpha == 1.0:
-            raise ValueError(
-                "smoothing.smooth_warm_start needs a smoother (ewma_alpha < 1 or mean_rows > 1)"
-            )
         if self.likelihood and self.learn_in_cooldown:
             raise ValueError(
                 "smoothing.learn_in_cooldown: with smoothing.likelihood every score is learned"
@@ -270,8 +258,6 @@ class SmoothedThreshold(RollingQuantileThreshold):
         if warm_start is not None and warm_start.size:
             # Start live smoothing from a typical normal level, not from one held-out row.
             self._level = float(np.median(warm_start))
-            if settings.smooth_warm_start:  # consecutive rows: smoothed as if live
-                warm_start = self._smooth(np.asarray(warm_start, dtype=np.float64))
         super().__init__(window_size, quantile, min_samples, warm_start)
         # The gate of `margin`, fixed at start: relative to what training saw, never to live
         # scores (which a long anomaly or drift would move).
@@ -302,7 +288,13 @@ class SmoothedThreshold(RollingQuantileThreshold):
                 scores = np.minimum(raw, self._cap(self._raw[: self._raw_count]))
             if learning:
                 self._learn_raw(raw[np.isfinite(raw)])
-        smoothed = self._smooth(scores)
+        if s.mean_rows > 1:
+            smoothed = moving_mean(scores, s.mean_rows, self._recent)
+            self._recent = np.concatenate([self._recent, scores])[-(s.mean_rows - 1) :]
+        else:
+            smoothed = ewma(scores, s.ewma_alpha, self._level)
+        if smoothed.size:
+            self._level = float(smoothed[-1])
         self.last_smoothed = smoothed
         value = self.value
         above = smoothed > value
@@ -324,18 +316,6 @@ class SmoothedThreshold(RollingQuantileThreshold):
             clip = above & ~cooling if s.learn_in_cooldown else above
             self.observe(np.where(clip, value, smoothed))
         return flags
-
-    def _smooth(self, scores: np.ndarray) -> np.ndarray:
-        """The smoother over these scores, carrying its state on to the next ones."""
-        s = self.settings
-        if s.mean_rows > 1:
-            smoothed = moving_mean(scores, s.mean_rows, self._recent)
-            self._recent = np.concatenate([self._recent, scores])[-(s.mean_rows - 1) :]
-        else:
-            smoothed = ewma(scores, s.ewma_alpha, self._level)
-        if smoothed.size:
-            self._level = float(smoothed[-1])
-        return smoothed
 
     def reconfigure(self, quantile: float | None = None, window_size: int | None = None) -> None:
         """As the rolling threshold's; median_cap's window of raw scores follows the size."""

@@ -170,11 +170,6 @@ class EvalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             if any(d.smoothing and d.smoothing.margin for d in self.detectors):
                 # The margin's floor is not kept per row, so alerts at other levels are unknown.
                 raise ValueError("metrics.nab_cv_levels does not work with smoothing.margin")
-        if not self.training.warm_start_folds and any(
-            d.smoothing and d.smoothing.smooth_warm_start for d in self.detectors
-        ):
-            # As the daemon refuses a bundle whose warm start is a held-out share.
-            raise ValueError("smoothing.smooth_warm_start needs training.warm_start_folds")
         if self.replay.retrain_every_rows is not None:
             if self.model_scope != "series":
                 # One model for all series would be refitted on rows of every series at once;

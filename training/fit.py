@@ -176,11 +176,7 @@ def fit_bundle(
         (staging / bundles.SPEC_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(spec)))
         low, high = split.feature_range
         warm = bundles.WarmStart(
-            errors=warm_scores.tolist(),
-            quantiles=quantiles,
-            feature_low=low,
-            feature_high=high,
-            consecutive=bool(training.warm_start_folds),
+            errors=warm_scores.tolist(), quantiles=quantiles, feature_low=low, feature_high=high
         )
         (staging / bundles.THRESHOLD_FILE).write_bytes(msgspec.json.encode(warm))
         drift = build_reference(names, split.rows_train, val_scores)

@@ -390,13 +390,6 @@ def test_warm_start_folds_score_every_history_row(tmp_path: Path) -> None:
     assert np.isfinite(b.warm_start).all() and (b.warm_start > 0).all()
     warm = msgspec.json.decode((b.path / bundles.THRESHOLD_FILE).read_bytes())
     assert warm["quantiles"]["0.5"] == pytest.approx(float(np.quantile(b.warm_start, 0.5)))
-    # Marked consecutive (smoothing.smooth_warm_start may smooth it); a held-out warm start's
-    # threshold.json is written as before the field, which older daemons would refuse.
-    assert warm["consecutive"] is True and b.warm_start_consecutive
-    assert "consecutive" not in msgspec.json.decode(
-        (held.path / bundles.THRESHOLD_FILE).read_bytes()
-    )
-    assert not held.warm_start_consecutive
     # The bundle's own model is trained as without folds.
     assert b.manifest.training["best_val_loss"] == held.manifest.training["best_val_loss"]
     with pytest.raises(ValueError, match=r"warm_start_folds must be 0 or >= 2"):

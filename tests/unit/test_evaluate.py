@@ -650,20 +650,6 @@ def test_nab_cv_levels_refuse_a_margin(tmp_path: Path) -> None:
         load_config(config)
 
 
-def test_smooth_warm_start_needs_warm_start_folds(tmp_path: Path) -> None:
-    config = synthetic(tmp_path)
-    text = config.read_text()
-    smoothed = text.replace("min_consecutive = 2", "min_consecutive = 2, smooth_warm_start = true")
-    config.write_text(smoothed)
-    with pytest.raises(
-        EvalConfigError, match=r"smooth_warm_start needs training\.warm_start_folds"
-    ):
-        load_config(config)
-    assert "seed = 1 }" in smoothed
-    config.write_text(smoothed.replace("seed = 1 }", "seed = 1, warm_start_folds = 2 }"))
-    assert load_config(config).training.warm_start_folds == 2
-
-
 def test_seed_flag_overrides_the_training_seed(tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["--config", str(synthetic(tmp_path)), "--out", str(out), "--no-report"]

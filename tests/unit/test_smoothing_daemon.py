@@ -228,24 +228,6 @@ def test_margin_refuses_a_bundle_without_warm_start(
         d._load_bundle(orders_bundle.path)
 
 
-def test_smooth_warm_start_refuses_a_held_out_warm_start(
-    orders_bundle: bundles.Bundle, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A held-out share's rows never followed each other: smoothing them is refused at load,
-    and a warm start of consecutive rows (training.warm_start_folds) is served smoothed."""
-    d = Detector(settings({"ewma_alpha": 0.1, "smooth_warm_start": True}))
-    assert not orders_bundle.warm_start_consecutive
-    with pytest.raises(bundles.BundleError, match=r"smoothing\.smooth_warm_start needs"):
-        d._load_bundle(orders_bundle.path)
-    consecutive = replace(orders_bundle, warm_start_consecutive=True)
-    monkeypatch.setattr(bundles, "load", lambda path, expected_spec=None: consecutive)
-    bundle, scorer = d._load_bundle(orders_bundle.path)
-    threshold = build_pipeline(d.settings, bundle, scorer).threshold
-    plain = build_pipeline(settings({"ewma_alpha": 0.1}), bundle, scorer).threshold
-    assert threshold.count == plain.count == bundle.warm_start.size
-    assert threshold.value < plain.value  # smoothed rows spread less than single rows
-
-
 def test_evaluator_detectors_refuse_what_the_daemon_config_refuses() -> None:
     ok = {"name": "q0.95 + EWMA 0.1", "threshold": {"quantile": 0.95}}
     det = msgspec.convert({**ok, "smoothing": {"ewma_alpha": 0.1}}, DetectorSettings)
