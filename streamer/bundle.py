@@ -10,7 +10,8 @@ A bundle is a directory:
                          them: whatever runtime serves the bundle must reproduce them
     scaler.json          Scaler (standard or robust) fitted on the training features
     feature_spec.json    the FeatureSpec the model was trained with
-    threshold.json       held-out reconstruction errors: the threshold's warm start
+    threshold.json       held-out (or, with training.warm_start_folds, every history row's
+                         out-of-fold) scores: the threshold's warm start
     drift.json           the training distribution of each scaled feature and of the
                          held-out scores, for drift monitoring (streamer/drift.py); optional
     manifest.json        version, creation time, data summary, training metrics, file hashes
@@ -106,7 +107,9 @@ class Parity(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class WarmStart(msgspec.Struct, forbid_unknown_fields=True):
-    errors: list[float]  # held-out reconstruction errors, in event order
+    # Held-out scores in event order; with training.warm_start_folds, every history row's
+    # out-of-fold score.
+    errors: list[float]
     quantiles: dict[str, float]
     # Each scaled feature's min and max over the training period's rows (train and held
     # out): where threshold.range_tolerance starts. Absent in bundles written before it.
